@@ -1,0 +1,131 @@
+"""Atomic file-system primitives for the local backend.
+
+Every file is written under a temp name in its own directory and renamed into place.
+Linux's ``renameat2`` gives two stronger renames: ``RENAME_NOREPLACE`` (put-if-absent,
+used by run-level appends) and ``RENAME_EXCHANGE`` (swap two directories in one step,
+used to replace a whole batch so readers never see a mix of versions). Where the kernel or
+file system lacks them, ``os.link`` and a two-step rename are the fallbacks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import uuid
+from collections.abc import Sequence
+
+from mi_crow.store._tensor_file import Buffer
+
+TMP_PREFIX = ".tmp-"
+STAGE_PREFIX = ".stage-"
+TRASH_PREFIX = ".trash-"
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+# Linux caps one write() at 0x7ffff000 bytes; stay below it.
+_MAX_WRITE = 1 << 30
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _renameat2 = getattr(_libc, "renameat2", None)
+except OSError:  # pragma: no cover - no libc to load (not Linux)
+    _renameat2 = None
+_renameat2_works = _renameat2 is not None
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    """Write every buffer to ``fd`` in order, looping over short writes; return the byte count."""
+    total = 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done : done + _MAX_WRITE])
+        total += done
+    return total
+
+
+def create_file(path: str, parts: Sequence[Buffer], *, durable: bool) -> None:
+    """Create ``path`` (which must not exist) holding ``parts``; fsync it if ``durable``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        write_all(fd, parts)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename2(src: str, dst: str, flags: int) -> bool:
+    """``renameat2``; ``False`` if the kernel or file system does not support ``flags``."""
+    global _renameat2_works
+    if not _renameat2_works or _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        _renameat2_works = False
+        return False
+    raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def rename_noreplace(src: str, dst: str) -> bool:
+    """Atomically move file ``src`` to ``dst`` unless ``dst`` exists; ``False`` if it did.
+
+    ``src`` is gone afterwards either way.
+    """
+    try:
+        if _rename2(src, dst, _RENAME_NOREPLACE):
+            return True
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            return False
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        try:
+            os.unlink(src)
+        except FileNotFoundError:
+            pass
+
+
+def replace_dir(src: str, dst: str) -> str | None:
+    """Put directory ``src`` at ``dst`` in one step; return where the old ``dst`` went, if any.
+
+    If ``dst`` is absent, a plain rename. Otherwise the two are exchanged atomically
+    (``src`` then holds the old version, for the caller to delete). Without
+    ``RENAME_EXCHANGE`` the old directory is first renamed aside, leaving a moment in
+    which ``dst`` is absent but never mixed.
+    """
+    try:
+        os.rename(src, dst)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+            raise
+    if _rename2(src, dst, _RENAME_EXCHANGE):
+        return src
+    aside = os.path.join(os.path.dirname(dst), unique_name(TRASH_PREFIX))
+    os.rename(dst, aside)
+    os.rename(src, dst)
+    return aside

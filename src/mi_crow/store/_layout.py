@@ -1,0 +1,679 @@
+"""``LayoutStore``: the whole ``Store`` contract, written once over a few byte operations.
+
+The run / batch / layer / key layout (mi_crow 1.0's, see ``docs/format.md``), the naming
+rules and the safetensors encoding live here. A backend (``LocalStore``, ``MemoryStore``, an
+object store later) subclasses :class:`LayoutStore` and supplies only the abstract
+``_write``, ``_write_new``, ``_write_dir``, ``_open``, ``_open_dir``, ``_list`` and
+``_delete`` operations on ``/``-separated keys relative to ``base_path``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, Protocol, TypeVar
+
+import torch
+
+from mi_crow.store import _json
+from mi_crow.store import _tensor_file as tf
+from mi_crow.store._names import check_batch_index, check_name, check_relpath
+from mi_crow.store.store import RunBatch, Store, TensorMetadata
+
+Buffer = tf.Buffer
+T = TypeVar("T")
+
+TENSOR_NAMES_FIELD = "_tensor_metadata_names"  # mi_crow 1.0's field in batch metadata.json
+TENSOR_NAME = "tensor"  # the one tensor in a per-batch detector file
+EMPTY_LIST_NAME = "_empty_list"
+KIND_FIELD = "mi_crow_store.kind"  # "list" or "dict", in a run batch file's __metadata__
+ENTRY_FIELD = "mi_crow_store.entry"  # JSON of one run-level append, in its __metadata__
+ENTRIES_DIR = ".entries"  # our append log under runs/{run}/detectors
+ENTRY_DIGITS = 12
+
+_RUN_BATCH_FILE = re.compile(r"batch_(\d{6,})\.safetensors")
+_BATCH_DIR = re.compile(r"batch_(0|[1-9]\d*)")
+_ENTRY_FILE = re.compile(r"(\d{%d})\.safetensors" % ENTRY_DIGITS)
+
+# How many times a read that raced with an atomic overwrite of the same entry is retried.
+_READ_RETRIES = 8
+
+
+class DirReader(Protocol):
+    """A consistent view of one directory, as returned by ``LayoutStore._open_dir``."""
+
+    def open(self, rel: str) -> ContextManager[BinaryIO]:
+        """Open the file ``rel`` (``/``-separated, relative to the directory)."""
+        ...
+
+    def moved(self) -> bool:
+        """Whether the directory was replaced or removed since it was opened."""
+        ...
+
+
+class _Retry(Exception):
+    """A read saw its directory replaced under it; start again."""
+
+
+class LayoutStore(Store):
+    """A :class:`Store` over a tree of files: layout and encoding, no I/O of its own.
+
+    Subclasses implement the byte-level operations below. All keys they receive are
+    ``/``-separated, relative to ``base_path``, and built only from validated names.
+    """
+
+    def __init__(
+        self,
+        base_path: Path | str = "",
+        runs_prefix: str = "runs",
+        dataset_prefix: str = "datasets",
+        model_prefix: str = "models",
+    ):
+        for what, prefix in (
+            ("runs_prefix", runs_prefix),
+            ("dataset_prefix", dataset_prefix),
+            ("model_prefix", model_prefix),
+        ):
+            check_relpath(prefix, what)
+        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix)
+        self._append_lock = threading.Lock()
+        self._append_next: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ backend API
+
+    @abc.abstractmethod
+    def _write(self, key: str, parts: Sequence[Buffer]) -> None:
+        """Atomically create or replace file ``key`` with the concatenated ``parts``."""
+
+    @abc.abstractmethod
+    def _write_new(self, key: str, parts: Sequence[Buffer]) -> bool:
+        """Atomically create file ``key`` unless it exists (put-if-absent); ``False`` if it did."""
+
+    @abc.abstractmethod
+    def _write_dir(self, key: str, files: Mapping[str, Sequence[Buffer]]) -> None:
+        """Atomically replace directory ``key`` by one holding exactly ``files``.
+
+        ``files`` maps ``/``-separated relative names to contents; readers see either the
+        old directory or the new one, never a mix.
+        """
+
+    @abc.abstractmethod
+    def _open(self, key: str) -> ContextManager[BinaryIO]:
+        """Open file ``key`` for reading (seek/read/readinto). Raises ``FileNotFoundError``."""
+
+    @abc.abstractmethod
+    def _open_dir(self, key: str) -> ContextManager[DirReader]:
+        """Open directory ``key`` for a consistent multi-file read. Raises ``FileNotFoundError``."""
+
+    @abc.abstractmethod
+    def _list(self, key: str) -> list[tuple[str, bool]]:
+        """``(name, is_dir)`` of the direct children of directory ``key``; ``[]`` if missing."""
+
+    @abc.abstractmethod
+    def _delete(self, key: str) -> None:
+        """Remove file or directory tree ``key`` so that it vanishes at once; no-op if missing."""
+
+    def _where(self, key: str) -> str:
+        """How to name ``key`` in an error message (a path, a URL)."""
+        return str(self.base_path / key)
+
+    # ------------------------------------------------------------------ keys
+
+    def _run_dir(self, run_id: str) -> str:
+        return f"{self.runs_prefix}/{check_name(run_id, 'run_id')}"
+
+    def _batch_dir(self, run_id: str, batch_index: int) -> str:
+        return f"{self._run_dir(run_id)}/batch_{batch_index}"
+
+    def _run_batch_file(self, run_id: str, batch_index: int) -> str:
+        return f"{self._run_dir(run_id)}/batch_{batch_index:06d}.safetensors"
+
+    def _model_dir(self, model_id: str) -> str:
+        return f"{self.model_prefix}/{check_name(model_id, 'model_id')}"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _read_bytes(self, key: str) -> bytes:
+        with self._open(key) as f:
+            return f.read()
+
+    def _read_json(self, key: str) -> Any:
+        """Parse the JSON file ``key``; ``FileNotFoundError`` if it is missing."""
+        return _json.loads(self._read_bytes(key), self._where(key))
+
+    def _consistent_read(self, key: str, read: Callable[[DirReader], T], missing: T) -> T:
+        """Run ``read`` on directory ``key``; ``missing`` if that directory does not exist.
+
+        ``read`` raises ``FileNotFoundError`` for a file it needs; if the directory moved
+        since it was opened, that was a concurrent atomic overwrite, and the read starts
+        over on the new directory. Otherwise the error propagates (a damaged entry).
+        """
+        for attempt in range(_READ_RETRIES):
+            try:
+                opened = self._open_dir(key)
+                d = opened.__enter__()
+            except FileNotFoundError:
+                return missing
+            with contextlib.ExitStack() as stack:
+                stack.push(opened)
+                try:
+                    return read(d)
+                except FileNotFoundError:
+                    if attempt + 1 < _READ_RETRIES and d.moved():
+                        continue
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _prepare_tensor_metadata(
+        tensor_metadata: Any,
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
+        """Validate ``{layer: {key: tensor}}`` completely; return prepared tensors and names."""
+        if not isinstance(tensor_metadata, Mapping):
+            raise ValueError(f"tensor_metadata must be a dict of {{layer: {{key: tensor}}}}, got {type(tensor_metadata).__name__}")
+        prepared: dict[str, dict[str, torch.Tensor]] = {}
+        names: dict[str, list[str]] = {}
+        for layer, tensors in tensor_metadata.items():
+            check_name(layer, "layer signature")
+            if not isinstance(tensors, Mapping):
+                raise ValueError(
+                    f"tensor_metadata[{layer!r}] must be a dict of {{key: tensor}}, got {type(tensors).__name__}"
+                )
+            if not tensors:
+                continue  # mi_crow 1.0 skips layers without tensors too
+            prepared[layer] = {}
+            for key, value in tensors.items():
+                check_name(key, f"tensor key in layer {layer!r}")
+                prepared[layer][key] = tf.prepare_tensor(value, f"tensor_metadata[{layer!r}][{key!r}]")
+            names[layer] = list(prepared[layer])
+        return prepared, names
+
+    @staticmethod
+    def _check_tensor_names(tensors: Any, what: str) -> dict[str, torch.Tensor]:
+        if not isinstance(tensors, Mapping):
+            raise ValueError(f"{what} must be a dict of {{name: tensor}}, got {type(tensors).__name__}")
+        out = {}
+        for name, value in tensors.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{what} has an invalid tensor name {name!r}; names must be non-empty strings")
+            if name == "__metadata__":
+                raise ValueError(f"{what} must not contain the name '__metadata__': safetensors reserves it")
+            out[name] = tf.prepare_tensor(value, f"{what}[{name!r}]")
+        return out
+
+    def _read_names_field(self, names: Any, where: str) -> dict[str, list[str]]:
+        """Validate a ``{layer: [key, ...]}`` map read from a file before using it in paths."""
+        if not isinstance(names, dict):
+            raise ValueError(f"{TENSOR_NAMES_FIELD} in {where} must be a JSON object, got {type(names).__name__}")
+        out: dict[str, list[str]] = {}
+        for layer, keys in names.items():
+            if not isinstance(keys, list):
+                raise ValueError(f"{TENSOR_NAMES_FIELD}[{layer!r}] in {where} must be a list of keys")
+            try:
+                out[check_name(layer, "layer signature")] = [check_name(k, "tensor key") for k in keys]
+            except ValueError as e:
+                raise ValueError(f"unsafe name in {where}: {e}") from None
+        return out
+
+    # ------------------------------------------------------------------ run metadata
+
+    def put_run_metadata(self, run_id: str, meta: Dict[str, Any]) -> str:
+        """Persist metadata for a run at ``runs/{run_id}/meta.json`` (atomically replaced).
+
+        Raises:
+            ValueError: If run_id is invalid or meta is not JSON-serializable (nothing is written).
+            OSError: If file system operations fail.
+        """
+        key = f"{self._run_dir(run_id)}/meta.json"
+        data = _json.dumps(_json.encode_metadata(meta, "meta"))
+        self._write(key, [data])
+        return key
+
+    def get_run_metadata(self, run_id: str) -> Dict[str, Any]:
+        """Load metadata for a run, or ``{}`` if the run has none.
+
+        Raises:
+            ValueError: If run_id is invalid.
+            json.JSONDecodeError: If the metadata file is not valid JSON (message names the file).
+        """
+        key = f"{self._run_dir(run_id)}/meta.json"
+        try:
+            meta: Dict[str, Any] = self._read_json(key)
+        except FileNotFoundError:
+            return {}
+        return meta
+
+    # ------------------------------------------------------------------ per-batch detector data
+
+    def put_detector_metadata(
+        self,
+        run_id: str,
+        batch_index: int,
+        metadata: Dict[str, Any],
+        tensor_metadata: TensorMetadata,
+    ) -> str:
+        """Save a batch as ``runs/{run_id}/batch_{i}/`` (mi_crow 1.0's layout), atomically.
+
+        The whole batch directory is built aside and swapped in at once: a reader sees the
+        previous version or the new one, never a mix, and a failed call changes nothing.
+
+        Raises:
+            ValueError: If a name, the index, a tensor or the metadata is invalid; nothing is
+                written.
+            OSError: If file system operations fail.
+        """
+        batch_index = check_batch_index(batch_index)
+        key = self._batch_dir(run_id, batch_index)
+        _json.encode_metadata(metadata, "metadata", reserved=(TENSOR_NAMES_FIELD,))
+        prepared, names = self._prepare_tensor_metadata(tensor_metadata)
+        meta_bytes = _json.dumps({**metadata, TENSOR_NAMES_FIELD: names})
+        files: dict[str, Sequence[Buffer]] = {}
+        for layer, tensors in prepared.items():
+            for tkey, t in tensors.items():
+                files[f"{layer}/{tkey}.safetensors"] = tf.encode({TENSOR_NAME: t})
+        files["metadata.json"] = [meta_bytes]  # last: the file that makes the batch readable
+        self._write_dir(key, files)
+        return key
+
+    def get_detector_metadata(self, run_id: str, batch_index: int) -> tuple[Dict[str, Any], TensorMetadata]:
+        """Load a batch's metadata and tensors; ``({}, {})`` if the batch does not exist.
+
+        Raises:
+            ValueError: If a parameter is invalid or the metadata lacks ``_tensor_metadata_names``.
+            json.JSONDecodeError: If metadata.json is not valid JSON.
+            FileNotFoundError: If a tensor file the metadata lists is missing (a damaged entry).
+            OSError: If a tensor file exists but cannot be read.
+        """
+        batch_index = check_batch_index(batch_index)
+        key = self._batch_dir(run_id, batch_index)
+
+        def read(d: DirReader) -> tuple[Dict[str, Any], TensorMetadata]:
+            where = self._where(f"{key}/metadata.json")
+            try:
+                with d.open("metadata.json") as f:
+                    metadata = _json.loads(f.read(), where)
+            except FileNotFoundError:
+                if d.moved():
+                    raise
+                return {}, {}
+            if not isinstance(metadata, dict):
+                raise ValueError(f"{where} must hold a JSON object, got {type(metadata).__name__}")
+            if TENSOR_NAMES_FIELD not in metadata:
+                raise ValueError(
+                    f"Field {TENSOR_NAMES_FIELD!r} not found in detector metadata at {where}; cannot retrieve tensors."
+                )
+            names = self._read_names_field(metadata.pop(TENSOR_NAMES_FIELD), where)
+            out: TensorMetadata = {}
+            for layer, keys in names.items():
+                for tkey in keys:
+                    rel = f"{layer}/{tkey}.safetensors"
+                    out.setdefault(layer, {})[tkey] = self._read_single(d.open(rel), self._where(f"{key}/{rel}"))
+            return metadata, out
+
+        return self._consistent_read(key, read, ({}, {}))
+
+    @staticmethod
+    def _read_single(opened: ContextManager[BinaryIO], where: str) -> torch.Tensor:
+        try:
+            with opened as f:
+                header = tf.read_header(f, where)
+                return tf.read_tensor(f, header, TENSOR_NAME, where)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tensor file {where} is listed in its batch's metadata.json but missing") from None
+
+    def get_detector_metadata_by_layer_by_key(
+        self, run_id: str, batch_index: int, layer: str, key: str
+    ) -> torch.Tensor:
+        """Read one tensor of a batch, touching only that tensor's file.
+
+        Raises:
+            ValueError: If a parameter is invalid.
+            FileNotFoundError: If the tensor doesn't exist.
+            OSError: If the tensor file exists but cannot be read.
+        """
+        batch_index = check_batch_index(batch_index)
+        rel = f"{check_name(layer, 'layer')}/{check_name(key, 'key')}.safetensors"
+        fkey = f"{self._batch_dir(run_id, batch_index)}/{rel}"
+        where = self._where(fkey)
+        try:
+            with self._open(fkey) as f:
+                header = tf.read_header(f, where)
+                return tf.read_tensor(f, header, TENSOR_NAME, where)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"Tensor not found at {where} for run_id={run_id!r}, batch_index={batch_index}, "
+                f"layer={layer!r}, key={key!r}"
+            ) from None
+    # ------------------------------------------------------------------ run batches
+
+    def put_run_batch(self, run_id: str, batch_index: int, tensors: RunBatch) -> str:
+        """Save a batch as one file ``runs/{run_id}/batch_{i:06d}.safetensors`` (atomically replaced).
+
+        A dict is saved under its own names; a list as ``item_0..item_n``; an empty list as one
+        empty tensor ``_empty_list`` (mi_crow 1.0's encoding). The container type is also
+        recorded in the file's ``__metadata__`` so ``get_run_batch`` returns the same type even
+        for a dict whose names look like ``item_0``.
+
+        Raises:
+            ValueError: If a parameter or tensor is invalid (nothing is written).
+            OSError: If file system operations fail.
+        """
+        batch_index = check_batch_index(batch_index)
+        key = self._run_batch_file(run_id, batch_index)
+        if isinstance(tensors, Mapping):
+            kind = "dict"
+            to_save = self._check_tensor_names(tensors, "tensors")
+        elif isinstance(tensors, (list, tuple)):
+            kind = "list"
+            if tensors:
+                to_save = {f"item_{i}": tf.prepare_tensor(t, f"tensors[{i}]") for i, t in enumerate(tensors)}
+            else:
+                to_save = {EMPTY_LIST_NAME: torch.tensor([])}
+        else:
+            raise ValueError(f"tensors must be a dict or a list of tensors, got {type(tensors).__name__}")
+        self._write(key, tf.encode(to_save, {KIND_FIELD: kind}))
+        return key
+
+    def get_run_batch(self, run_id: str, batch_index: int) -> RunBatch:
+        """Load a batch saved by ``put_run_batch``, as the type it was saved with.
+
+        When only the per-batch detector layout exists for that index, returns
+        ``{"activations": t}`` for one layer and ``{"activations_{layer}": t}`` for several,
+        as mi_crow 1.0 does.
+
+        Raises:
+            ValueError: If a parameter is invalid.
+            FileNotFoundError: If neither layout has the batch.
+            OSError: If a file exists but cannot be read.
+        """
+        batch_index = check_batch_index(batch_index)
+        key = self._run_batch_file(run_id, batch_index)
+        where = self._where(key)
+        try:
+            with self._open(key) as f:
+                loaded, meta = tf.read_all(f, where)
+        except FileNotFoundError:
+            return self._run_batch_from_detector_layout(run_id, batch_index)
+        kind = meta.get(KIND_FIELD)
+        if kind == "dict":
+            return loaded
+        names = list(loaded)
+        if names == [EMPTY_LIST_NAME]:
+            return []
+        items = {}
+        for name in names:
+            m = re.fullmatch(r"item_(0|[1-9]\d*)", name)
+            if m is None:
+                break
+            items[int(m.group(1))] = loaded[name]
+        else:
+            if sorted(items) == list(range(len(items))):
+                return [items[i] for i in range(len(items))]
+        if kind == "list":
+            raise OSError(f"{where} is marked as a list but holds tensors {names}")
+        return loaded
+
+    def _run_batch_from_detector_layout(self, run_id: str, batch_index: int) -> Dict[str, torch.Tensor]:
+        _, tensors = self.get_detector_metadata(run_id, batch_index)
+        with_acts = {layer: t["activations"] for layer, t in tensors.items() if "activations" in t}
+        if not with_acts:
+            raise FileNotFoundError(f"Batch {batch_index} not found for run {run_id}")
+        if len(tensors) == 1:
+            return {"activations": next(iter(with_acts.values()))}
+        return {f"activations_{layer}": t for layer, t in with_acts.items()}
+
+    def list_run_batches(self, run_id: str) -> List[int]:
+        """Return the sorted batch indices of a run, from both layouts (``[]`` for no run)."""
+        out: set[int] = set()
+        for name, is_dir in self._list(self._run_dir(run_id)):
+            if is_dir:
+                m = _BATCH_DIR.fullmatch(name)
+                if m:
+                    out.add(int(m.group(1)))
+            else:
+                m = _RUN_BATCH_FILE.fullmatch(name)
+                if m and f"{int(m.group(1)):06d}" == m.group(1):
+                    out.add(int(m.group(1)))
+        return sorted(out)
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove everything of a run: batches, metadata and run-level detector data.
+
+        The run disappears at once; a missing run is not an error.
+        """
+        key = self._run_dir(run_id)
+        self._delete(key)
+        with self._append_lock:
+            self._append_next.pop(key, None)
+
+    def list_runs(self) -> List[str]:
+        """Return the sorted ids of the runs in the store."""
+        return sorted(name for name, is_dir in self._list(self.runs_prefix) if is_dir and _is_valid_name(name))
+
+    # ------------------------------------------------------------------ run-level appends
+
+    def put_run_detector_metadata(
+        self,
+        run_id: str,
+        metadata: Dict[str, Any],
+        tensor_metadata: TensorMetadata,
+    ) -> str:
+        """Append one entry of run-level detector data under ``runs/{run_id}/detectors``.
+
+        Each call writes one new file, ``detectors/.entries/{n:012d}.safetensors``, holding
+        its tensors and its metadata, created only if absent: a call costs O(its own size)
+        however long the run is, and concurrent appenders (threads or processes) each get
+        their own number. A run started by mi_crow 1.0 (``detectors/metadata.json``)
+        continues after its last entry. Read the entries back with
+        ``iter_run_detector_metadata``.
+
+        Returns:
+            ``"runs/{run_id}/detectors"``.
+
+        Raises:
+            ValueError: If parameters are invalid or metadata is not JSON-serialisable.
+            OSError: If file system operations fail.
+        """
+        det = f"{self._run_dir(run_id)}/detectors"
+        _json.encode_metadata(metadata, "metadata", reserved=(TENSOR_NAMES_FIELD,))
+        prepared, names = self._prepare_tensor_metadata(tensor_metadata)
+        entry = json.dumps({"metadata": metadata, "tensors": names}, ensure_ascii=False, allow_nan=False)
+        flat = {f"{layer}/{k}": t for layer, tensors in prepared.items() for k, t in tensors.items()}
+        parts = tf.encode(flat, {ENTRY_FIELD: entry})
+        run_key = self._run_dir(run_id)
+        with self._append_lock:
+            n = self._append_next.get(run_key)
+        if n is None:
+            n = self._next_entry_number(det)
+        while not self._write_new(f"{det}/{ENTRIES_DIR}/{n:0{ENTRY_DIGITS}d}.safetensors", parts):
+            # Another writer took n: look again rather than step by one, in case many did.
+            n = max(n + 1, self._next_entry_number(det))
+        with self._append_lock:
+            self._append_next[run_key] = max(n + 1, self._append_next.get(run_key, 0))
+        return det
+
+    def _next_entry_number(self, det: str) -> int:
+        taken = [int(m.group(1)) for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if (m := _ENTRY_FILE.fullmatch(name))]
+        return max(max(taken, default=-1) + 1, len(self._legacy_run_entries(det)))
+
+    def _legacy_run_entries(self, det: str) -> list[Any]:
+        """The ``batches`` list of mi_crow 1.0's ``detectors/metadata.json`` (``[]`` if none)."""
+        key = f"{det}/metadata.json"
+        try:
+            doc = self._read_json(key)
+        except FileNotFoundError:
+            return []
+        batches = doc.get("batches") if isinstance(doc, dict) else None
+        if not isinstance(batches, list):
+            raise ValueError(f"{self._where(key)} has no 'batches' list; it is not mi_crow's run detector metadata")
+        return batches
+
+    def iter_run_detector_metadata(self, run_id: str) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
+        """Yield ``(metadata, tensor_metadata)`` for each ``put_run_detector_metadata`` call, in order.
+
+        Entries written by mi_crow 1.0 come first (without the ``batch_index`` and
+        ``_tensor_metadata_names`` fields it adds), then this package's. Entries are read one
+        at a time: memory stays bounded by one entry. Yields nothing for a run without any.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from mi_crow.store import LocalStore
+            >>> store = LocalStore(tempfile.mkdtemp())
+            >>> for step in range(3):
+            ...     _ = store.put_run_detector_metadata("r", {"step": step}, {"l": {"top": torch.arange(step)}})
+            >>> [(m["step"], t["l"]["top"].tolist()) for m, t in store.iter_run_detector_metadata("r")]
+            [(0, []), (1, [0]), (2, [0, 1])]
+        """
+        det = f"{self._run_dir(run_id)}/detectors"
+        return self._iter_entries(det)
+
+    def _iter_entries(self, det: str) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
+        legacy = self._legacy_run_entries(det)
+        if legacy:
+            yield from self._iter_legacy_entries(det, legacy)
+        names = sorted(name for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if _ENTRY_FILE.fullmatch(name))
+        for name in names:
+            key = f"{det}/{ENTRIES_DIR}/{name}"
+            where = self._where(key)
+            with self._open(key) as f:
+                header = tf.read_header(f, where)
+                try:
+                    entry = json.loads(header.metadata[ENTRY_FIELD])
+                    metadata, tnames = entry["metadata"], entry["tensors"]
+                except (KeyError, TypeError, json.JSONDecodeError) as e:
+                    raise OSError(f"{where} is not a run detector entry: bad {ENTRY_FIELD!r} ({e})") from None
+                tensors: TensorMetadata = {}
+                for layer, keys in self._read_names_field(tnames, where).items():
+                    tensors[layer] = {k: tf.read_tensor(f, header, f"{layer}/{k}", where) for k in keys}
+            yield metadata, tensors
+
+    def _iter_legacy_entries(
+        self, det: str, batches: list[Any]
+    ) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
+        """mi_crow 1.0's layout: one file per layer/key holding tensors ``batch_0..batch_n``."""
+        with contextlib.ExitStack() as stack:
+            files: dict[str, tuple[BinaryIO, tf.Header, str]] = {}
+            for i, raw in enumerate(batches):
+                where = self._where(f"{det}/metadata.json")
+                if not isinstance(raw, dict):
+                    raise ValueError(f"entry {i} of {where} is not a JSON object")
+                metadata = dict(raw)
+                n = metadata.pop("batch_index", i)
+                names = self._read_names_field(metadata.pop(TENSOR_NAMES_FIELD, {}), where)
+                tensors: TensorMetadata = {}
+                for layer, keys in names.items():
+                    for k in keys:
+                        rel = f"{layer}/{k}.safetensors"
+                        if rel not in files:
+                            fwhere = self._where(f"{det}/{rel}")
+                            f = stack.enter_context(self._open(f"{det}/{rel}"))
+                            files[rel] = (f, tf.read_header(f, fwhere), fwhere)
+                        f, header, fwhere = files[rel]
+                        tensors.setdefault(layer, {})[k] = tf.read_tensor(f, header, f"batch_{n}", fwhere)
+                yield metadata, tensors
+
+    # ------------------------------------------------------------------ models
+
+    def put_model(
+        self, model_id: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, Any] | None = None
+    ) -> str:
+        """Save a model as ``models/{model_id}/model.safetensors`` + ``metadata.json``, atomically.
+
+        Args:
+            model_id: A single path component (use ``org--name`` for Hugging Face-style ids).
+            tensors: The model's tensors, e.g. ``sae.state_dict()``.
+            metadata: JSON-serialisable metadata (config, training settings); ``{}`` if None.
+
+        Returns:
+            ``"models/{model_id}"``.
+
+        Raises:
+            ValueError: If a parameter, tensor or the metadata is invalid (nothing is written).
+
+        Example:
+            >>> import tempfile, torch
+            >>> from mi_crow.store import LocalStore
+            >>> store = LocalStore(tempfile.mkdtemp())
+            >>> store.put_model("sae-l3", {"W_enc": torch.zeros(4, 8)}, {"d_sae": 8})
+            'models/sae-l3'
+            >>> tensors, meta = store.get_model("sae-l3")
+            >>> tensors["W_enc"].shape, meta
+            (torch.Size([4, 8]), {'d_sae': 8})
+        """
+        key = self._model_dir(model_id)
+        meta = _json.encode_metadata({} if metadata is None else metadata, "metadata")
+        prepared = self._check_tensor_names(tensors, "tensors")
+        self._write_dir(
+            key,
+            {"model.safetensors": tf.encode(prepared, {"format": "pt"}), "metadata.json": [_json.dumps(meta)]},
+        )
+        return key
+
+    def get_model(self, model_id: str) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """Load a model saved by ``put_model``: ``(tensors, metadata)``.
+
+        Raises:
+            ValueError: If model_id is invalid.
+            FileNotFoundError: If there is no such model.
+            OSError: If its files cannot be read.
+        """
+        key = self._model_dir(model_id)
+
+        def read(d: DirReader) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+            with d.open("metadata.json") as f:
+                meta = _json.loads(f.read(), self._where(f"{key}/metadata.json"))
+            with d.open("model.safetensors") as f:
+                tensors, _ = tf.read_all(f, self._where(f"{key}/model.safetensors"))
+            return tensors, meta
+
+        missing: tuple[Dict[str, torch.Tensor], Dict[str, Any]] | None = None
+        found = self._consistent_read(key, read, missing)
+        if found is None:
+            raise FileNotFoundError(f"no model {model_id!r} at {self._where(key)}")
+        return found
+
+    def list_models(self) -> List[str]:
+        """Return the sorted ids of the models in the store."""
+        return sorted(name for name, is_dir in self._list(self.model_prefix) if is_dir and _is_valid_name(name))
+
+    def delete_model(self, model_id: str) -> None:
+        """Remove a model; a missing model is not an error."""
+        self._delete(self._model_dir(model_id))
+
+    # ------------------------------------------------------------------ single tensors
+
+    def put_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        """Save one tensor (named ``"tensor"``) at ``key``, a relative path under ``base_path``.
+
+        Raises:
+            ValueError: If ``key`` is unsafe or ``tensor`` cannot be stored (nothing is written).
+        """
+        check_relpath(key, "key")
+        self._write(key, tf.encode({TENSOR_NAME: tf.prepare_tensor(tensor, "tensor")}))
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """Load a tensor saved by ``put_tensor``.
+
+        Raises:
+            ValueError: If ``key`` is unsafe.
+            FileNotFoundError: If there is no file at ``key``.
+            OSError: If the file cannot be read.
+        """
+        check_relpath(key, "key")
+        where = self._where(key)
+        with self._open(key) as f:
+            header = tf.read_header(f, where)
+            return tf.read_tensor(f, header, TENSOR_NAME, where)
+
+
+def _is_valid_name(name: str) -> bool:
+    try:
+        check_name(name, "name")
+    except ValueError:
+        return False
+    return True

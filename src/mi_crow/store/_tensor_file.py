@@ -1,0 +1,234 @@
+"""The safetensors file format, written and read without copying tensor data in Python.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+(padded with spaces to a multiple of 8), then the raw little-endian tensor bytes. The
+encoder here returns the header followed by zero-copy views of each tensor's own memory,
+so a backend can hand them to ``write``/``writev`` directly; the decoder reads the header
+once and ``readinto`` each tensor's freshly allocated storage. Files written here are
+byte-identical to ``safetensors.torch.save`` for single-tensor files and readable by
+``safetensors`` (and mi_crow 1.0) in every case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+
+# The dtypes that torch and safetensors share, with safetensors' codes.
+_DTYPE_CODES: dict[str, str] = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "complex64": "C64",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+}
+DTYPE_TO_CODE: dict[torch.dtype, str] = {
+    getattr(torch, name): code for name, code in _DTYPE_CODES.items() if hasattr(torch, name)
+}
+CODE_TO_DTYPE: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_TO_CODE.items()}
+
+# safetensors refuses headers above 100 MB; so do we, before allocating anything.
+MAX_HEADER_BYTES = 100_000_000
+
+Buffer = bytes | bytearray | memoryview
+
+
+def prepare_tensor(value: Any, where: str) -> torch.Tensor:
+    """Check that ``value`` can be stored and return it as a dense contiguous CPU tensor.
+
+    The result shares memory with ``value`` whenever ``value`` is already a contiguous
+    CPU tensor; otherwise exactly one copy is made (to CPU, or to contiguous layout).
+
+    Args:
+        value: The object the caller passed as a tensor.
+        where: Where it was passed, for the error message (e.g. ``"tensor_metadata['l']['k']"``).
+
+    Raises:
+        ValueError: If ``value`` is not a ``torch.Tensor``, is sparse, nested or on the
+            ``meta`` device, or has a dtype safetensors cannot store.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{where} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_nested:
+        raise ValueError(f"{where} is a nested tensor; store its components as separate tensors")
+    if value.layout != torch.strided:
+        raise ValueError(f"{where} has layout {value.layout}; only dense (strided) tensors can be stored, call `.to_dense()` first")
+    if value.device.type == "meta":
+        raise ValueError(f"{where} is on the 'meta' device and has no data to store")
+    if value.dtype not in DTYPE_TO_CODE:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_TO_CODE)
+        raise ValueError(f"{where} has dtype {value.dtype}, which safetensors cannot store; supported: {supported}")
+    t = value.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor's data."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def encode(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> list[Buffer]:
+    """Encode prepared tensors as a safetensors file: ``[header, data, data, ...]``.
+
+    Tensors are laid out by decreasing element size, then by name, so every tensor's
+    data starts at a multiple of its element size (as safetensors does).
+    """
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    parts: list[Buffer] = [b""]
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": DTYPE_TO_CODE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+        if nbytes:
+            parts.append(tensor_bytes(t))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    parts[0] = struct.pack("<Q", len(raw)) + raw
+    return parts
+
+
+def encoded_size(parts: Sequence[Buffer]) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def _corrupt(where: str, why: str) -> OSError:
+    return OSError(f"corrupt or truncated safetensors file {where}: {why}")
+
+
+def _read_exact(f: BinaryIO, n: int, where: str) -> bytes:
+    data = f.read(n)
+    if data is None or len(data) != n:
+        got = 0 if data is None else len(data)
+        raise _corrupt(where, f"expected {n} bytes, found {got}")
+    return data
+
+
+def read_header(f: BinaryIO, where: str) -> Header:
+    """Parse and validate the header of the safetensors file open as ``f``.
+
+    Every tensor's byte range is checked against its dtype and shape and against the
+    file's size, so a truncated file raises here instead of failing later.
+
+    Raises:
+        OSError: If the file is truncated or its header is not valid safetensors.
+    """
+    size = f.seek(0, 2)
+    f.seek(0)
+    if size < 8:
+        raise _corrupt(where, f"file is {size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", _read_exact(f, 8, where))
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        raise _corrupt(where, f"header length {n} exceeds the file size {size} or the 100 MB limit")
+    try:
+        raw = json.loads(_read_exact(f, n, where).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(where, f"header is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise _corrupt(where, "header is not a JSON object")
+    data_len = size - 8 - n
+    metadata = raw.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(where, "__metadata__ is not a map of strings")
+    tensors: dict[str, TensorEntry] = {}
+    for name, info in raw.items():
+        try:
+            dtype = CODE_TO_DTYPE[info["dtype"]]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError("negative or non-integer dimension")
+            if not (isinstance(begin, int) and isinstance(end, int)):
+                raise ValueError("non-integer data offsets")
+        except (KeyError, TypeError, ValueError) as e:
+            raise _corrupt(where, f"bad header entry for tensor {name!r}: {info!r} ({e})") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0:
+            raise _corrupt(where, f"tensor {name!r} has offsets {begin}..{end} but needs {nbytes} bytes")
+        if end > data_len:
+            raise _corrupt(where, f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
+        tensors[name] = TensorEntry(dtype, shape, begin, end)
+    return Header(tensors, dict(metadata), 8 + n)
+
+
+def read_tensor(f: BinaryIO, header: Header, name: str, where: str) -> torch.Tensor:
+    """Read tensor ``name`` into newly allocated memory (one ``readinto``, no extra copy)."""
+    try:
+        entry = header.tensors[name]
+    except KeyError:
+        raise OSError(f"{where} holds no tensor named {name!r} (it has {sorted(header.tensors)})") from None
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    nbytes = entry.end - entry.begin
+    if nbytes == 0:
+        return out
+    view = tensor_bytes(out)
+    f.seek(header.data_start + entry.begin)
+    done = 0
+    while done < nbytes:
+        got = f.readinto(view[done:])
+        if not got:
+            raise _corrupt(where, f"tensor {name!r} ends after {done} of {nbytes} bytes")
+        done += got
+    return out
+
+
+def read_all(f: BinaryIO, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor of a file and its ``__metadata__``; names sorted, as safetensors does."""
+    header = read_header(f, where)
+    in_file_order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
+    loaded = {name: read_tensor(f, header, name, where) for name in in_file_order}
+    return {name: loaded[name] for name in sorted(loaded)}, header.metadata

@@ -1,0 +1,226 @@
+"""``LocalStore``: the store on a local file system.
+
+Only the byte-level operations live here; the layout and encoding are
+:class:`mi_crow.store.LayoutStore`'s. Every path is checked to resolve inside
+``base_path`` (a symbolic link planted in the store cannot lead writes, reads or deletes
+outside it), every file is written to a temp name and renamed, and whole directories
+(a batch, a model) are swapped in atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from mi_crow.store import _atomic
+from mi_crow.store._layout import LayoutStore
+from mi_crow.store._tensor_file import Buffer
+
+
+class _LocalDir:
+    """A directory held open by descriptor, so a concurrent swap cannot mix versions."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    @contextlib.contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        parts = rel.split("/")
+        dir_fd = self.fd
+        opened: list[int] = []
+        try:
+            for part in parts[:-1]:
+                dir_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                opened.append(dir_fd)
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ValueError(
+                    f"{os.path.join(self.path, rel)} is or passes through a symbolic link; "
+                    "entries written by the store never contain links, so it is not followed"
+                ) from None
+            raise
+        finally:
+            for d in opened:
+                os.close(d)
+        with open(fd, "rb", buffering=0, closefd=True) as f:
+            yield f
+
+    def moved(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class LocalStore(LayoutStore):
+    """Local filesystem implementation of Store interface.
+
+    Crash-safe by construction: a process killed at any instant leaves every entry either
+    complete or absent (leftover temp files are ignored and removed by ``gc``). With
+    ``durable=True`` files and the directories whose entries changed are also fsync'd, so
+    committed entries survive power loss.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from mi_crow.store import LocalStore
+        >>> store = LocalStore(tempfile.mkdtemp())
+        >>> store.put_run_metadata("run-1", {"model": "gpt2"})
+        'runs/run-1/meta.json'
+        >>> store.get_run_metadata("run-1")
+        {'model': 'gpt2'}
+    """
+
+    def __init__(
+        self,
+        base_path: Path | str = "",
+        runs_prefix: str = "runs",
+        dataset_prefix: str = "datasets",
+        model_prefix: str = "models",
+        *,
+        durable: bool = False,
+    ):
+        """Initialize LocalStore.
+
+        Args:
+            base_path: Base directory path for the store
+            runs_prefix: Prefix for runs directory
+            dataset_prefix: Prefix for datasets directory
+            model_prefix: Prefix for models directory
+            durable: Also fsync files and directories, so committed data survives power
+                loss (slower); the default already survives process crashes.
+        """
+        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix)
+        self.durable = durable
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.base_path)!r}, durable={self.durable})"
+
+    # ------------------------------------------------------------------ paths
+
+    def _path(self, key: str, *, create_parent: bool = False) -> str:
+        """The file-system path of ``key``, after checking it resolves inside ``base_path``."""
+        base = os.path.realpath(self.base_path)
+        path = os.path.join(self.base_path, key)
+        real = os.path.realpath(path)
+        if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+            raise ValueError(
+                f"{key!r} resolves to {real}, outside the store's base_path {base}: "
+                "a symbolic link inside the store points outside it"
+            )
+        if create_parent:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def _sync_dir(self, path: str) -> None:
+        if self.durable:
+            _atomic.fsync_dir(path)
+
+    # ------------------------------------------------------------------ byte operations
+
+    def _write(self, key: str, parts: Sequence[Buffer]) -> None:
+        path = self._path(key, create_parent=True)
+        parent = os.path.dirname(path)
+        tmp = os.path.join(parent, _atomic.unique_name(_atomic.TMP_PREFIX))
+        try:
+            _atomic.create_file(tmp, parts, durable=self.durable)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._sync_dir(parent)
+
+    def _write_new(self, key: str, parts: Sequence[Buffer]) -> bool:
+        path = self._path(key, create_parent=True)
+        parent = os.path.dirname(path)
+        tmp = os.path.join(parent, _atomic.unique_name(_atomic.TMP_PREFIX))
+        try:
+            _atomic.create_file(tmp, parts, durable=self.durable)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        created = _atomic.rename_noreplace(tmp, path)
+        if created:
+            self._sync_dir(parent)
+        return created
+
+    def _write_dir(self, key: str, files: Mapping[str, Sequence[Buffer]]) -> None:
+        path = self._path(key, create_parent=True)
+        parent = os.path.dirname(path)
+        stage = os.path.join(parent, _atomic.unique_name(_atomic.STAGE_PREFIX))
+        os.mkdir(stage)
+        try:
+            subdirs = {stage}
+            for rel, parts in files.items():
+                target = os.path.join(stage, rel)
+                sub = os.path.dirname(target)
+                if sub not in subdirs:
+                    os.makedirs(sub, exist_ok=True)
+                    subdirs.add(sub)
+                _atomic.create_file(target, parts, durable=self.durable)
+            if self.durable:
+                for sub in subdirs:
+                    _atomic.fsync_dir(sub)
+            old = _atomic.replace_dir(stage, path)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        self._sync_dir(parent)
+        if old is not None:
+            # The previous version, now unreachable; if removal fails, gc() finds it later.
+            shutil.rmtree(old, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[BinaryIO]:
+        with open(self._path(key), "rb", buffering=0) as f:
+            yield f
+
+    @contextlib.contextmanager
+    def _open_dir(self, key: str) -> Iterator[_LocalDir]:
+        path = self._path(key)
+        try:
+            d = _LocalDir(path)
+        except NotADirectoryError:
+            raise FileNotFoundError(errno.ENOENT, "not a directory", path) from None
+        try:
+            yield d
+        finally:
+            d.close()
+
+    def _list(self, key: str) -> list[tuple[str, bool]]:
+        try:
+            with os.scandir(self._path(key)) as it:
+                return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def _delete(self, key: str) -> None:
+        path = self._path(key)
+        parent = os.path.dirname(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            aside = os.path.join(parent, _atomic.unique_name(_atomic.TRASH_PREFIX))
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                return
+            self._sync_dir(parent)
+            shutil.rmtree(aside)
+        else:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+            self._sync_dir(parent)
