@@ -9,6 +9,7 @@ file system lacks them, ``os.link`` and a two-step rename are the fallbacks.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -103,10 +104,8 @@ def rename_noreplace(src: str, dst: str) -> bool:
     except FileExistsError:
         return False
     finally:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(src)
-        except FileNotFoundError:
-            pass
 
 
 def replace_dir(src: str, dst: str) -> str | None:

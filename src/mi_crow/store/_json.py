@@ -32,10 +32,14 @@ def _find_problem(value: Any, path: str, active: set[int] | None = None) -> str 
         if math.isfinite(value):
             return None
         return f"{path} is {value!r}; JSON has no NaN or Infinity (store None or a string instead)"
-    return f"{path} is a {type(value).__name__}, which is not JSON-serialisable (convert it to a list, number or string)"
+    return (
+        f"{path} is a {type(value).__name__}, which is not JSON-serialisable (convert it to a list, number or string)"
+    )
 
 
-def _find_container_problem(value: dict | list | tuple, path: str, active: set[int]) -> str | None:
+def _find_container_problem(
+    value: dict[Any, Any] | list[Any] | tuple[Any, ...], path: str, active: set[int]
+) -> str | None:
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int, float, bool)) and k is not None:

@@ -38,7 +38,7 @@ ENTRY_DIGITS = 12
 
 _RUN_BATCH_FILE = re.compile(r"batch_(\d{6,})\.safetensors")
 _BATCH_DIR = re.compile(r"batch_(0|[1-9]\d*)")
-_ENTRY_FILE = re.compile(r"(\d{%d})\.safetensors" % ENTRY_DIGITS)
+_ENTRY_FILE = re.compile(rf"(\d{{{ENTRY_DIGITS}}})\.safetensors")
 
 # How many times a read that raced with an atomic overwrite of the same entry is retried.
 _READ_RETRIES = 8
@@ -175,7 +175,9 @@ class LayoutStore(Store):
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
         """Validate ``{layer: {key: tensor}}`` completely; return prepared tensors and names."""
         if not isinstance(tensor_metadata, Mapping):
-            raise ValueError(f"tensor_metadata must be a dict of {{layer: {{key: tensor}}}}, got {type(tensor_metadata).__name__}")
+            raise ValueError(
+                f"tensor_metadata must be a dict of {{layer: {{key: tensor}}}}, got {type(tensor_metadata).__name__}"
+            )
         prepared: dict[str, dict[str, torch.Tensor]] = {}
         names: dict[str, list[str]] = {}
         for layer, tensors in tensor_metadata.items():
@@ -315,7 +317,8 @@ class LayoutStore(Store):
                     out.setdefault(layer, {})[tkey] = self._read_single(d.open(rel), self._where(f"{key}/{rel}"))
             return metadata, out
 
-        return self._consistent_read(key, read, ({}, {}))
+        not_found: tuple[Dict[str, Any], TensorMetadata] = ({}, {})
+        return self._consistent_read(key, read, not_found)
 
     @staticmethod
     def _read_single(opened: ContextManager[BinaryIO], where: str) -> torch.Tensor:
@@ -349,6 +352,7 @@ class LayoutStore(Store):
                 f"Tensor not found at {where} for run_id={run_id!r}, batch_index={batch_index}, "
                 f"layer={layer!r}, key={key!r}"
             ) from None
+
     # ------------------------------------------------------------------ run batches
 
     def put_run_batch(self, run_id: str, batch_index: int, tensors: RunBatch) -> str:
@@ -498,7 +502,9 @@ class LayoutStore(Store):
         return det
 
     def _next_entry_number(self, det: str) -> int:
-        taken = [int(m.group(1)) for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if (m := _ENTRY_FILE.fullmatch(name))]
+        taken = [
+            int(m.group(1)) for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if (m := _ENTRY_FILE.fullmatch(name))
+        ]
         return max(max(taken, default=-1) + 1, len(self._legacy_run_entries(det)))
 
     def _legacy_run_entries(self, det: str) -> list[Any]:
@@ -552,9 +558,7 @@ class LayoutStore(Store):
                     tensors[layer] = {k: tf.read_tensor(f, header, f"{layer}/{k}", where) for k in keys}
             yield metadata, tensors
 
-    def _iter_legacy_entries(
-        self, det: str, batches: list[Any]
-    ) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
+    def _iter_legacy_entries(self, det: str, batches: list[Any]) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
         """mi_crow 1.0's layout: one file per layer/key holding tensors ``batch_0..batch_n``."""
         with contextlib.ExitStack() as stack:
             files: dict[str, tuple[BinaryIO, tf.Header, str]] = {}
@@ -579,9 +583,7 @@ class LayoutStore(Store):
 
     # ------------------------------------------------------------------ models
 
-    def put_model(
-        self, model_id: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, Any] | None = None
-    ) -> str:
+    def put_model(self, model_id: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, Any] | None = None) -> str:
         """Save a model as ``models/{model_id}/model.safetensors`` + ``metadata.json``, atomically.
 
         Args:

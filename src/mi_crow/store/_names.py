@@ -42,10 +42,7 @@ def check_name(value: Any, what: str) -> str:
     if value in (".", ".."):
         raise ValueError(f"{what} {value!r} is not allowed: it would address a directory outside its place")
     if "/" in value or "\\" in value:
-        raise ValueError(
-            f"{what} {value!r} contains a path separator ('/' or '\\'); "
-            "names are single path components"
-        )
+        raise ValueError(f"{what} {value!r} contains a path separator ('/' or '\\'); names are single path components")
     bad = [c for c in value if ord(c) < 0x20 or ord(c) == 0x7F]
     if bad:
         raise ValueError(f"{what} {value!r} contains a control character {bad[0]!r} (NUL and 0x01-0x1f are refused)")
@@ -59,7 +56,9 @@ def check_name(value: Any, what: str) -> str:
     except UnicodeEncodeError as e:
         raise ValueError(f"{what} {value!r} cannot be encoded as UTF-8: {e}") from None
     if size > MAX_NAME_BYTES:
-        raise ValueError(f"{what} is {size} bytes long in UTF-8; at most {MAX_NAME_BYTES} are allowed: {value[:40]!r}...")
+        raise ValueError(
+            f"{what} is {size} bytes long in UTF-8; at most {MAX_NAME_BYTES} are allowed: {value[:40]!r}..."
+        )
     return value
 
 

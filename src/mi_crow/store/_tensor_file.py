@@ -71,7 +71,9 @@ def prepare_tensor(value: Any, where: str) -> torch.Tensor:
     if value.is_nested:
         raise ValueError(f"{where} is a nested tensor; store its components as separate tensors")
     if value.layout != torch.strided:
-        raise ValueError(f"{where} has layout {value.layout}; only dense (strided) tensors can be stored, call `.to_dense()` first")
+        raise ValueError(
+            f"{where} has layout {value.layout}; only dense (strided) tensors can be stored, call `.to_dense()` first"
+        )
     if value.device.type == "meta":
         raise ValueError(f"{where} is on the 'meta' device and has no data to store")
     if value.dtype not in DTYPE_TO_CODE:
@@ -93,12 +95,10 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor's data."""
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
-def encode(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> list[Buffer]:
+def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list[Buffer]:
     """Encode prepared tensors as a safetensors file: ``[header, data, data, ...]``.
 
     Tensors are laid out by decreasing element size, then by name, so every tensor's
@@ -219,7 +219,7 @@ def read_tensor(f: BinaryIO, header: Header, name: str, where: str) -> torch.Ten
     f.seek(header.data_start + entry.begin)
     done = 0
     while done < nbytes:
-        got = f.readinto(view[done:])
+        got = f.readinto(view[done:])  # type: ignore[attr-defined]  # BinaryIO's stub lacks it
         if not got:
             raise _corrupt(where, f"tensor {name!r} ends after {done} of {nbytes} bytes")
         done += got

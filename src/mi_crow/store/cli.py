@@ -35,11 +35,17 @@ def describe(store: LayoutStore, runs: Iterable[str] | None = None) -> list[tupl
                 names = store._read_json(meta_key).get("_tensor_metadata_names", {})
             except FileNotFoundError:
                 names = {}
-            files = [(layer, key, f"{batch_dir}/{layer}/{key}.safetensors", "tensor") for layer, keys in names.items() for key in keys]
+            files = [
+                (layer, key, f"{batch_dir}/{layer}/{key}.safetensors", "tensor")
+                for layer, keys in names.items()
+                for key in keys
+            ]
             for layer, key, fkey, tname in files:
                 with store._open(fkey) as f:
                     e = tf.read_header(f, store._where(fkey)).tensors[tname]
-                rows.append((run, str(i), layer, key, str(list(e.shape)), str(e.dtype).removeprefix("torch."), e.end - e.begin))
+                rows.append(
+                    (run, str(i), layer, key, str(list(e.shape)), str(e.dtype).removeprefix("torch."), e.end - e.begin)
+                )
             run_file = store._run_batch_file(run, i)
             try:
                 with store._open(run_file) as f:
@@ -47,7 +53,17 @@ def describe(store: LayoutStore, runs: Iterable[str] | None = None) -> list[tupl
             except FileNotFoundError:
                 continue
             for name, e in sorted(header.tensors.items()):
-                rows.append((run, str(i), "(run batch)", name, str(list(e.shape)), str(e.dtype).removeprefix("torch."), e.end - e.begin))
+                rows.append(
+                    (
+                        run,
+                        str(i),
+                        "(run batch)",
+                        name,
+                        str(list(e.shape)),
+                        str(e.dtype).removeprefix("torch."),
+                        e.end - e.begin,
+                    )
+                )
     return rows
 
 
@@ -56,12 +72,14 @@ def _print_table(rows: list[tuple[str, str, str, str, str, str, int]]) -> None:
     cells = [head] + [(*r[:6], _fmt_bytes(r[6])) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     for n, row in enumerate(cells):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if n == 0:
             click.echo("  ".join("-" * w for w in widths))
     runs = {r[0] for r in rows}
     batches = {(r[0], r[1]) for r in rows}
-    click.echo(f"{len(runs)} run(s), {len(batches)} batch(es), {len(rows)} tensor(s), {_fmt_bytes(sum(r[6] for r in rows))}")
+    click.echo(
+        f"{len(runs)} run(s), {len(batches)} batch(es), {len(rows)} tensor(s), {_fmt_bytes(sum(r[6] for r in rows))}"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,8 +89,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--store", "store_dir", default="mi-crow-demo-store", show_default=True, type=click.Path(path_type=Path),
-              help="Folder of the local store to write the demo run into.")
+@click.option(
+    "--store",
+    "store_dir",
+    default="mi-crow-demo-store",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder of the local store to write the demo run into.",
+)
 @click.option("--batches", default=3, show_default=True, type=click.IntRange(1, 1000))
 def demo(store_dir: Path, batches: int) -> None:
     """Write a small multi-layer run into a local store, read it back, and print it."""
@@ -96,13 +120,15 @@ def demo(store_dir: Path, batches: int) -> None:
         store.put_detector_metadata(run_id, b, {"batch": b, "tokens": int(mask.sum())}, tensors)
         written[b] = tensors
     for b, tensors in written.items():
-        meta, back = store.get_detector_metadata(run_id, b)
+        _, back = store.get_detector_metadata(run_id, b)
         for layer, keys in tensors.items():
             for key, t in keys.items():
                 got = back[layer][key]
                 if got.dtype != t.dtype or not torch.equal(got, t):
                     raise click.ClickException(f"read-back mismatch at batch {b} {layer}/{key}")
-    click.echo(f"Wrote and verified run {run_id!r} in {store_dir}/ ({batches} batches x {len(layers)} layers x 2 keys)\n")
+    click.echo(
+        f"Wrote and verified run {run_id!r} in {store_dir}/ ({batches} batches x {len(layers)} layers x 2 keys)\n"
+    )
     _print_table(describe(store, [run_id]))
 
 

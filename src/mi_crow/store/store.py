@@ -313,9 +313,7 @@ class Store(abc.ABC):
         """Return the sorted ids of the runs in the store."""
         raise NotImplementedError(f"{type(self).__name__} does not implement list_runs")
 
-    def put_model(
-        self, model_id: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, Any] | None = None
-    ) -> str:
+    def put_model(self, model_id: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, Any] | None = None) -> str:
         """Save a model's tensors (e.g. an SAE's state dict) and metadata; returns its key."""
         raise NotImplementedError(f"{type(self).__name__} does not implement put_model")
 

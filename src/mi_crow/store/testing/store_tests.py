@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,11 @@ valid_names = st.text(_name_chars, min_size=1, max_size=40).filter(
     lambda s: s.strip() != "" and not s.startswith(".") and len(s.encode("utf-8")) <= 200
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
     max_leaves=20,
 )
@@ -172,9 +177,11 @@ class StoreTests:
     def test_detector_by_layer_by_key(self, store: Store) -> None:
         tm = self._batch()
         store.put_detector_metadata("r", 7, {}, tm)
-        assert_same(store.get_detector_metadata_by_layer_by_key("r", 7, "model.layers.3", "activations"),
-                    tm["model.layers.3"]["activations"])
-        with pytest.raises(FileNotFoundError, match="model.layers.3"):
+        assert_same(
+            store.get_detector_metadata_by_layer_by_key("r", 7, "model.layers.3", "activations"),
+            tm["model.layers.3"]["activations"],
+        )
+        with pytest.raises(FileNotFoundError, match=r"model\.layers\.3"):
             store.get_detector_metadata_by_layer_by_key("r", 7, "model.layers.3", "attention_mask")
         with pytest.raises(FileNotFoundError):
             store.get_detector_metadata_by_layer_by_key("r", 8, "model.layers.0", "activations")
@@ -288,7 +295,7 @@ class StoreTests:
         store.put_run_batch("r", 1, list(tm["l"].values()))
         back = store.get_run_batch("r", 1)
         assert isinstance(back, list)
-        for a, b in zip(back, tm["l"].values()):
+        for a, b in zip(back, tm["l"].values(), strict=True):
             assert_same(a, b)
 
     # ------------------------------------------------------------------ run batches
@@ -303,7 +310,7 @@ class StoreTests:
         assert store.put_run_batch("r", 12, items) == "runs/r/batch_000012.safetensors"
         got = store.get_run_batch("r", 12)
         assert isinstance(got, list) and len(got) == 3
-        for a, b in zip(got, items):
+        for a, b in zip(got, items, strict=True):
             assert_same(a, b)
 
     def test_run_batch_empty_list_and_lookalike_dict(self, store: Store) -> None:
@@ -382,7 +389,7 @@ class StoreTests:
         with pytest.raises(ValueError, match="start must be an int"):
             store.iter_run_batch_range("r", start=1.5)  # type: ignore[arg-type]
         with pytest.raises(TypeError):
-            store.iter_run_batch_range("r", 0)  # type: ignore[misc]
+            store.iter_run_batch_range("r", 0)  # type: ignore[call-arg]
 
     # ------------------------------------------------------------------ runs
 
@@ -418,7 +425,7 @@ class StoreTests:
             entries.append((meta, tm))
         back = list(store.iter_run_detector_metadata("r"))
         assert len(back) == 5
-        for (meta, tm), (bmeta, btm) in zip(entries, back):
+        for (meta, tm), (bmeta, btm) in zip(entries, back, strict=True):
             assert bmeta == meta
             assert_same_tm(btm, tm)
         assert store.list_run_batches("r") == []
@@ -434,8 +441,8 @@ class StoreTests:
             store.put_run_detector_metadata("r", {"_tensor_metadata_names": 1}, {})
         with pytest.raises(ValueError, match="NaN"):
             store.put_run_detector_metadata("r", {"loss": float("nan")}, {})
-        with pytest.raises(ValueError, match="torch.Tensor"):
-            store.put_run_detector_metadata("r", {}, {"l": {"k": [1]}})
+        with pytest.raises(ValueError, match=r"torch\.Tensor"):
+            store.put_run_detector_metadata("r", {}, {"l": {"k": [1]}})  # type: ignore[dict-item]
         assert [m for m, _ in store.iter_run_detector_metadata("r")] == [{"i": 0}]
         store.put_run_detector_metadata("r", {"i": 1}, {})
         assert [m for m, _ in store.iter_run_detector_metadata("r")] == [{"i": 0}, {"i": 1}]
@@ -470,7 +477,7 @@ class StoreTests:
 
     def test_model_bad_input_changes_nothing(self, store: Store) -> None:
         store.put_model("m", {"w": torch.ones(1)}, {"v": 1})
-        with pytest.raises(ValueError, match="torch.Tensor"):
+        with pytest.raises(ValueError, match=r"torch\.Tensor"):
             store.put_model("m", {"w": "x"}, {"v": 2})  # type: ignore[dict-item]
         with pytest.raises(ValueError, match="NaN"):
             store.put_model("m", {"w": torch.ones(1)}, {"v": float("nan")})
@@ -497,7 +504,7 @@ class StoreTests:
     @pytest.mark.parametrize("name", HOSTILE_NAMES, ids=repr)
     def test_hostile_names_refused_everywhere(self, store: Store, name: Any) -> None:
         t = {"l": {"k": torch.ones(1)}}
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: store.put_run_metadata(name, {}),
             lambda: store.get_run_metadata(name),
             lambda: store.put_detector_metadata(name, 0, {}, t),
@@ -542,7 +549,7 @@ class StoreTests:
     def test_integer_like_batch_index(self, store: Store) -> None:
         import numpy as np
 
-        store.put_run_batch("r", np.int64(4), [torch.ones(1)])  # type: ignore[arg-type]
+        store.put_run_batch("r", np.int64(4), [torch.ones(1)])
         assert store.list_run_batches("r") == [4]
 
     # ------------------------------------------------------------------ properties
@@ -565,7 +572,9 @@ class StoreTests:
         shape=st.lists(st.integers(0, 4), min_size=0, max_size=6).map(tuple),
         seed=st.integers(0, 2**16),
     )
-    def test_any_dtype_and_shape_round_trip(self, store: Store, dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> None:
+    def test_any_dtype_and_shape_round_trip(
+        self, store: Store, dtype: torch.dtype, shape: tuple[int, ...], seed: int
+    ) -> None:
         t = sample_tensor(dtype, shape, seed)
         store.put_detector_metadata("r", 0, {}, {"l": {"k": t}})
         assert_same(store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k"), t)

@@ -1,0 +1,285 @@
+"""LocalStore on disk: exact files, exact bytes, atomic replacement, links, damage, durability."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import safetensors.torch as st
+import torch
+
+from mi_crow.store import LocalStore
+from mi_crow.store import _atomic as atomic
+from mi_crow.store.testing import all_dtypes, sample_tensor
+from mi_crow.store.testing.store_tests import assert_same
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "s")
+
+
+def test_layout_on_disk(store: LocalStore) -> None:
+    store.put_run_metadata("r", {"ü": "✓"})
+    store.put_detector_metadata(
+        "r", 3, {"m": 1}, {"L": {"activations": torch.ones(2), "attention_mask": torch.ones(2)}}
+    )
+    store.put_run_batch("r", 7, [torch.ones(1)])
+    store.put_run_detector_metadata("r", {"s": 0}, {"L": {"k": torch.ones(1)}})
+    store.put_model("sae", {"w": torch.ones(1)}, {"d": 1})
+    store.put_tensor("datasets/x.safetensors", torch.ones(1))
+    assert files_under(store.base_path) == [
+        "datasets/x.safetensors",
+        "models/sae/metadata.json",
+        "models/sae/model.safetensors",
+        "runs/r/batch_000007.safetensors",
+        "runs/r/batch_3/L/activations.safetensors",
+        "runs/r/batch_3/L/attention_mask.safetensors",
+        "runs/r/batch_3/metadata.json",
+        "runs/r/detectors/.entries/000000000000.safetensors",
+        "runs/r/meta.json",
+    ]
+    assert (store.base_path / "runs/r/meta.json").read_text("utf-8") == '{\n  "ü": "✓"\n}'
+    assert json.loads((store.base_path / "runs/r/batch_3/metadata.json").read_text("utf-8")) == {
+        "m": 1,
+        "_tensor_metadata_names": {"L": ["activations", "attention_mask"]},
+    }
+
+
+def test_custom_prefixes(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, runs_prefix="exp/acts", model_prefix="saes")
+    assert store.put_run_metadata("r", {}) == "exp/acts/r/meta.json"
+    assert store.put_model("m", {"w": torch.ones(1)}) == "saes/m"
+    assert (tmp_path / "exp/acts/r/meta.json").is_file() and (tmp_path / "saes/m/model.safetensors").is_file()
+    for bad in ("", "/abs", "../up", "a/../b", ".hidden"):
+        with pytest.raises(ValueError, match="runs_prefix"):
+            LocalStore(tmp_path, runs_prefix=bad)
+
+
+def test_default_base_path_is_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = LocalStore()
+    assert store.base_path == Path("")
+    store.put_run_metadata("r", {"a": 1})
+    assert (tmp_path / "runs/r/meta.json").is_file()
+    assert store.get_run_metadata("r") == {"a": 1}
+
+
+@pytest.mark.parametrize("dtype", all_dtypes(), ids=str)
+def test_single_tensor_files_are_byte_identical_to_safetensors(store: LocalStore, dtype: torch.dtype) -> None:
+    for i, shape in enumerate([(), (0,), (3, 5), (2, 1, 4)]):
+        t = sample_tensor(dtype, shape, i)
+        store.put_detector_metadata("r", i, {}, {"l": {"k": t}})
+        path = store.base_path / f"runs/r/batch_{i}/l/k.safetensors"
+        assert path.read_bytes() == st.save({"tensor": t})
+        assert_same(st.load_file(path)["tensor"], t)
+
+
+def test_multi_tensor_files_load_with_safetensors(store: LocalStore) -> None:
+    d = {n: sample_tensor(dt, (3, 2), i) for i, (n, dt) in enumerate(zip("abcdef", all_dtypes()[:6], strict=True))}
+    store.put_run_batch("r", 0, d)
+    path = store.base_path / "runs/r/batch_000000.safetensors"
+    loaded = st.load_file(path)
+    for n, t in d.items():
+        assert_same(loaded[n], t)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"mi_crow_store.kind": "dict"}
+    store.put_run_detector_metadata("r", {"x": 1}, {"l": d})
+    entry = store.base_path / "runs/r/detectors/.entries/000000000000.safetensors"
+    assert sorted(st.load_file(entry)) == [f"l/{n}" for n in "abcdef"]
+
+
+def test_no_temp_files_remain(store: LocalStore) -> None:
+    for v in range(3):
+        store.put_detector_metadata("r", 0, {"v": v}, {"l": {"k": torch.full((4,), v)}})
+        store.put_run_metadata("r", {"v": v})
+        store.put_model("m", {"w": torch.ones(1)})
+    store.put_run_detector_metadata("r", {}, {})
+    store.delete_run("r")
+    store.delete_model("m")
+    leftovers = [p for p in store.base_path.rglob("*") if p.name.startswith(".") and p.name != ".entries"]
+    assert leftovers == []
+    assert files_under(store.base_path) == []
+
+
+def test_leftovers_of_killed_writers_are_invisible(store: LocalStore) -> None:
+    store.put_detector_metadata("r", 0, {"v": 1}, {"l": {"k": torch.ones(1)}})
+    run = store.base_path / "runs/r"
+    (run / ".tmp-0123").write_bytes(b"partial")
+    (run / ".stage-abcd" / "l").mkdir(parents=True)
+    (run / ".stage-abcd/l/k.safetensors").write_bytes(b"half a tensor")
+    (run / ".trash-ffff").mkdir()
+    (store.base_path / "runs/.trash-0000").mkdir()
+    (run / "detectors/.entries").mkdir(parents=True)
+    (run / "detectors/.entries/.tmp-99").write_bytes(b"x")
+    assert store.list_runs() == ["r"]
+    assert store.list_run_batches("r") == [0]
+    assert list(store.iter_run_detector_metadata("r")) == []
+    store.put_run_detector_metadata("r", {"i": 0}, {})
+    assert [m for m, _ in store.iter_run_detector_metadata("r")] == [{"i": 0}]
+    assert store.get_detector_metadata("r", 0)[0] == {"v": 1}
+
+
+def test_failed_write_leaves_earlier_state(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.put_detector_metadata("r", 0, {"v": 1}, {"a": {"k": torch.ones(2)}, "b": {"k": torch.ones(2)}})
+    store.put_model("m", {"w": torch.ones(1)}, {"v": 1})
+    before = {p: (store.base_path / p).read_bytes() for p in files_under(store.base_path)}
+    real = atomic.create_file
+    calls = 0
+
+    def failing(path: str, parts: object, *, durable: bool) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(28, "No space left on device (simulated)")
+        real(path, parts, durable=durable)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(atomic, "create_file", failing)
+    for attempt in (
+        lambda: store.put_detector_metadata("r", 0, {"v": 2}, {"a": {"k": torch.zeros(2)}, "b": {"k": torch.zeros(2)}}),
+        lambda: store.put_model("m", {"w": torch.zeros(1)}, {"v": 2}),
+        lambda: store.put_run_metadata("r", {"v": 2}),
+    ):
+        calls = 1  # the next file written fails
+        with pytest.raises(OSError, match="simulated"):
+            attempt()
+    monkeypatch.undo()
+    assert {p: (store.base_path / p).read_bytes() for p in files_under(store.base_path)} == before
+    assert [p for p in store.base_path.rglob(".*")] == []
+
+
+def test_symlink_planted_in_store_is_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "meta.json").write_text('{"secret": 1}')
+    (outside / "batch_0").mkdir()
+    (outside / "batch_0/metadata.json").write_text('{"_tensor_metadata_names": {}}')
+    store = LocalStore(tmp_path / "s")
+    (tmp_path / "s/runs").mkdir(parents=True)
+    (tmp_path / "s/runs/evil").symlink_to(outside)
+    t = {"l": {"k": torch.ones(1)}}
+    for call in (
+        lambda: store.put_run_metadata("evil", {}),
+        lambda: store.get_run_metadata("evil"),
+        lambda: store.put_detector_metadata("evil", 1, {}, t),
+        lambda: store.get_detector_metadata("evil", 0),
+        lambda: store.put_run_batch("evil", 0, []),
+        lambda: store.get_run_batch("evil", 0),
+        lambda: store.list_run_batches("evil"),
+        lambda: store.delete_run("evil"),
+        lambda: store.put_run_detector_metadata("evil", {}, t),
+        lambda: list(store.iter_run_detector_metadata("evil")),
+    ):
+        with pytest.raises(ValueError, match="outside the store"):
+            call()
+    assert sorted(p.name for p in outside.iterdir()) == ["batch_0", "meta.json"]
+    assert (outside / "meta.json").read_text() == '{"secret": 1}'
+    assert store.list_runs() == []  # a link is not a run
+
+
+def test_symlink_inside_an_entry_is_refused(store: LocalStore, tmp_path: Path) -> None:
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(1)}})
+    secret = tmp_path / "secret.safetensors"
+    st.save_file({"tensor": torch.full((1,), 42.0)}, secret)
+    target = store.base_path / "runs/r/batch_0/l/k.safetensors"
+    target.unlink()
+    target.symlink_to(secret)
+    with pytest.raises(ValueError, match="symbolic link"):
+        store.get_detector_metadata("r", 0)
+
+
+def test_damaged_files_raise_naming_the_file(store: LocalStore) -> None:
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(1000)}})
+    path = store.base_path / "runs/r/batch_0/l/k.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(OSError, match=r"truncated.*k\.safetensors"):
+        store.get_detector_metadata("r", 0)
+    with pytest.raises(OSError, match=r"k\.safetensors"):
+        store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k")
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(OSError, match="not valid JSON"):
+        store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k")
+    path.write_bytes(b"\x01")
+    with pytest.raises(OSError, match="shorter than"):
+        store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k")
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"listed in its batch's metadata\.json but missing"):
+        store.get_detector_metadata("r", 0)
+    meta = store.base_path / "runs/r/batch_0/metadata.json"
+    meta.write_text("{broken")
+    with pytest.raises(json.JSONDecodeError, match=r"batch_0/metadata\.json"):
+        store.get_detector_metadata("r", 0)
+    meta.write_text("{}")
+    with pytest.raises(ValueError, match="_tensor_metadata_names"):
+        store.get_detector_metadata("r", 0)
+    meta.write_text('{"_tensor_metadata_names": {"../../x": ["k"]}}')
+    with pytest.raises(ValueError, match="unsafe name"):
+        store.get_detector_metadata("r", 0)
+    (store.base_path / "runs/r/meta.json").write_text("[1,")
+    with pytest.raises(json.JSONDecodeError, match=r"runs/r/meta\.json"):
+        store.get_run_metadata("r")
+
+
+def test_durable_mode_fsyncs_files_and_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    LocalStore(tmp_path / "fast").put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(1)}})
+    assert synced == []
+    durable = LocalStore(tmp_path / "d", durable=True)
+    durable.put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(1)}})
+    run = str(tmp_path / "d/runs/r")
+    assert any(p.endswith("k.safetensors") for p in synced)
+    assert any(p.endswith("metadata.json") for p in synced)
+    assert run in synced  # the directory whose entry (batch_0) appeared
+    synced.clear()
+    durable.put_run_metadata("r", {})
+    assert synced[-1] == run and any(p.endswith(".tmp-" + p.split(".tmp-")[-1]) for p in synced[:-1])
+
+
+def test_readers_never_see_a_mix_during_overwrites(store: LocalStore) -> None:
+    """Thread-level check; tests/test_processes.py does the same with real processes."""
+
+    def version(v: int) -> dict[str, dict[str, torch.Tensor]]:
+        return {f"l{j}": {"a": torch.full((256,), v), "b": torch.full((3,), v)} for j in range(4)}
+
+    store.put_detector_metadata("r", 0, {"v": 0}, version(0))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for v in range(1, 150):
+                store.put_detector_metadata("r", 0, {"v": v}, version(v))
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+        finally:
+            stop.set()
+
+    seen = set()
+    writer = threading.Thread(target=write)
+    writer.start()
+    while not stop.is_set():
+        meta, tensors = store.get_detector_metadata("r", 0)
+        v = meta["v"]
+        seen.add(v)
+        assert sorted(tensors) == [f"l{j}" for j in range(4)]
+        for keys in tensors.values():
+            assert all(bool((t == v).all()) for t in keys.values()), f"mixed versions around {v}"
+    writer.join()
+    assert not errors
+    assert len(seen) > 1
