@@ -1,0 +1,40 @@
+"""The examples in the README and in the docstrings run and print what they say."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = [
+    "mi_crow.store.store",
+    "mi_crow.store._layout",
+    "mi_crow.store.local_store",
+    "mi_crow.store.memory_store",
+]
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text("utf-8"), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks(ROOT / "README.md"))))
+def test_readme_python_blocks_run(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    code = python_blocks(ROOT / "README.md")[index]
+    namespace: dict[str, object] = {"__name__": "readme"}
+    exec(compile(code, f"README.md block {index}", "exec"), namespace)
+    out = capsys.readouterr().out
+    if 'print([m["step"]' in code:
+        assert "[0, 1, 2]" in out and "['gpt2-wiki'] ['sae-h3']" in out and "list 2" in out
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_docstring_examples(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+    assert result.attempted > 0
