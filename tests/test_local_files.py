@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def test_layout_on_disk(store: LocalStore) -> None:
     store.put_model("sae", {"w": torch.ones(1)}, {"d": 1})
     store.put_tensor("datasets/x.safetensors", torch.ones(1))
     assert files_under(store.base_path) == [
+        ".mi-crow-store.lock",
         "datasets/x.safetensors",
         "models/sae/metadata.json",
         "models/sae/model.safetensors",
@@ -78,7 +80,9 @@ def test_single_tensor_files_are_byte_identical_to_safetensors(store: LocalStore
         t = sample_tensor(dtype, shape, i)
         store.put_detector_metadata("r", i, {}, {"l": {"k": t}})
         path = store.base_path / f"runs/r/batch_{i}/l/k.safetensors"
-        assert path.read_bytes() == st.save({"tensor": t})
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+        expected = st.save({"tensor": t}, metadata={"mi_crow_store.crc32": f'{{"tensor":"{crc:08x}"}}'})
+        assert path.read_bytes() == expected
         assert_same(st.load_file(path)["tensor"], t)
 
 
@@ -92,7 +96,8 @@ def test_multi_tensor_files_load_with_safetensors(store: LocalStore) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        assert f.metadata() == {"mi_crow_store.kind": "dict"}
+        assert f.metadata()["mi_crow_store.kind"] == "dict"
+        assert sorted(json.loads(f.metadata()["mi_crow_store.crc32"])) == list("abcdef")
     store.put_run_detector_metadata("r", {"x": 1}, {"l": d})
     entry = store.base_path / "runs/r/detectors/.entries/000000000000.safetensors"
     assert sorted(st.load_file(entry)) == [f"l/{n}" for n in "abcdef"]
@@ -106,9 +111,9 @@ def test_no_temp_files_remain(store: LocalStore) -> None:
     store.put_run_detector_metadata("r", {}, {})
     store.delete_run("r")
     store.delete_model("m")
-    leftovers = [p for p in store.base_path.rglob("*") if p.name.startswith(".") and p.name != ".entries"]
+    leftovers = [p for p in store.base_path.rglob("*") if p.name.startswith((".tmp-", ".stage-", ".trash-"))]
     assert leftovers == []
-    assert files_under(store.base_path) == []
+    assert files_under(store.base_path) == [".mi-crow-store.lock"]
 
 
 def test_leftovers_of_killed_writers_are_invisible(store: LocalStore) -> None:
@@ -154,7 +159,7 @@ def test_failed_write_leaves_earlier_state(store: LocalStore, monkeypatch: pytes
             attempt()
     monkeypatch.undo()
     assert {p: (store.base_path / p).read_bytes() for p in files_under(store.base_path)} == before
-    assert [p for p in store.base_path.rglob(".*")] == []
+    assert [p.name for p in store.base_path.rglob(".*")] == [".mi-crow-store.lock"]
 
 
 def test_symlink_planted_in_store_is_not_followed(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from mi_crow.store._layout import LayoutStore
-from mi_crow.store.local_store import LocalStore
+from mi_crow.store._layout import LayoutStore, Problem
+from mi_crow.store._tensor_file import CorruptFileError
+from mi_crow.store.local_store import GcReport, LocalStore
 from mi_crow.store.memory_store import MemoryStore
 from mi_crow.store.store import Store, TensorMetadata
 
@@ -16,4 +17,14 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["LayoutStore", "LocalStore", "MemoryStore", "Store", "TensorMetadata", "__version__"]
+__all__ = [
+    "CorruptFileError",
+    "GcReport",
+    "LayoutStore",
+    "LocalStore",
+    "MemoryStore",
+    "Problem",
+    "Store",
+    "TensorMetadata",
+    "__version__",
+]

@@ -15,6 +15,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, ContextManager, Dict, List, Protocol, TypeVar
 
@@ -73,7 +74,19 @@ class LayoutStore(Store):
         runs_prefix: str = "runs",
         dataset_prefix: str = "datasets",
         model_prefix: str = "models",
+        *,
+        verify: bool = False,
     ):
+        """Initialize the store.
+
+        Args:
+            base_path: Base directory path for the store
+            runs_prefix: Prefix for runs directory
+            dataset_prefix: Prefix for datasets directory
+            model_prefix: Prefix for models directory
+            verify: Check every tensor read against the CRC-32 recorded when it was written,
+                raising ``OSError`` naming the file on a mismatch (costs one pass over the bytes).
+        """
         for what, prefix in (
             ("runs_prefix", runs_prefix),
             ("dataset_prefix", dataset_prefix),
@@ -81,8 +94,20 @@ class LayoutStore(Store):
         ):
             check_relpath(prefix, what)
         super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix)
+        self.verify_reads = verify
         self._append_lock = threading.Lock()
         self._append_next: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Stores travel to DataLoader workers and subprocesses: locks and caches stay behind.
+        state = self.__dict__.copy()
+        del state["_append_lock"]
+        state["_append_next"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._append_lock = threading.Lock()
 
     # ------------------------------------------------------------------ backend API
 
@@ -320,12 +345,11 @@ class LayoutStore(Store):
         not_found: tuple[Dict[str, Any], TensorMetadata] = ({}, {})
         return self._consistent_read(key, read, not_found)
 
-    @staticmethod
-    def _read_single(opened: ContextManager[BinaryIO], where: str) -> torch.Tensor:
+    def _read_single(self, opened: ContextManager[BinaryIO], where: str) -> torch.Tensor:
         try:
             with opened as f:
                 header = tf.read_header(f, where)
-                return tf.read_tensor(f, header, TENSOR_NAME, where)
+                return tf.read_tensor(f, header, TENSOR_NAME, where, verify=self.verify_reads)
         except FileNotFoundError:
             raise FileNotFoundError(f"tensor file {where} is listed in its batch's metadata.json but missing") from None
 
@@ -346,7 +370,7 @@ class LayoutStore(Store):
         try:
             with self._open(fkey) as f:
                 header = tf.read_header(f, where)
-                return tf.read_tensor(f, header, TENSOR_NAME, where)
+                return tf.read_tensor(f, header, TENSOR_NAME, where, verify=self.verify_reads)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"Tensor not found at {where} for run_id={run_id!r}, batch_index={batch_index}, "
@@ -400,7 +424,7 @@ class LayoutStore(Store):
         where = self._where(key)
         try:
             with self._open(key) as f:
-                loaded, meta = tf.read_all(f, where)
+                loaded, meta = tf.read_all(f, where, verify=self.verify_reads)
         except FileNotFoundError:
             return self._run_batch_from_detector_layout(run_id, batch_index)
         kind = meta.get(KIND_FIELD)
@@ -555,7 +579,9 @@ class LayoutStore(Store):
                     raise OSError(f"{where} is not a run detector entry: bad {ENTRY_FIELD!r} ({e})") from None
                 tensors: TensorMetadata = {}
                 for layer, keys in self._read_names_field(tnames, where).items():
-                    tensors[layer] = {k: tf.read_tensor(f, header, f"{layer}/{k}", where) for k in keys}
+                    tensors[layer] = {
+                        k: tf.read_tensor(f, header, f"{layer}/{k}", where, verify=self.verify_reads) for k in keys
+                    }
             yield metadata, tensors
 
     def _iter_legacy_entries(self, det: str, batches: list[Any]) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
@@ -578,7 +604,9 @@ class LayoutStore(Store):
                             f = stack.enter_context(self._open(f"{det}/{rel}"))
                             files[rel] = (f, tf.read_header(f, fwhere), fwhere)
                         f, header, fwhere = files[rel]
-                        tensors.setdefault(layer, {})[k] = tf.read_tensor(f, header, f"batch_{n}", fwhere)
+                        tensors.setdefault(layer, {})[k] = tf.read_tensor(
+                            f, header, f"batch_{n}", fwhere, verify=self.verify_reads
+                        )
                 yield metadata, tensors
 
     # ------------------------------------------------------------------ models
@@ -630,7 +658,7 @@ class LayoutStore(Store):
             with d.open("metadata.json") as f:
                 meta = _json.loads(f.read(), self._where(f"{key}/metadata.json"))
             with d.open("model.safetensors") as f:
-                tensors, _ = tf.read_all(f, self._where(f"{key}/model.safetensors"))
+                tensors, _ = tf.read_all(f, self._where(f"{key}/model.safetensors"), verify=self.verify_reads)
             return tensors, meta
 
         missing: tuple[Dict[str, torch.Tensor], Dict[str, Any]] | None = None
@@ -646,6 +674,106 @@ class LayoutStore(Store):
     def delete_model(self, model_id: str) -> None:
         """Remove a model; a missing model is not an error."""
         self._delete(self._model_dir(model_id))
+
+    # ------------------------------------------------------------------ integrity
+
+    def check(self, run_ids: Sequence[str] | None = None) -> list[Problem]:
+        """Read and verify every entry; return the damaged files (``[]`` when all is well).
+
+        Checks run metadata, every per-batch directory (its metadata.json and each listed
+        tensor file), run batches, run-level detector data (mi_crow's and ours) and, when
+        ``run_ids`` is None, every model: JSON must parse, tensor files must be complete and
+        their bytes must match the CRC-32 recorded at write time. Reads one tensor at a time.
+
+        Args:
+            run_ids: Only these runs (and no models); all runs and models when None.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from mi_crow.store import LocalStore
+            >>> store = LocalStore(tempfile.mkdtemp())
+            >>> _ = store.put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(3)}})
+            >>> store.check()
+            []
+        """
+        problems: list[Problem] = []
+        runs = self.list_runs() if run_ids is None else [check_name(r, "run_id") for r in run_ids]
+        for run in runs:
+            problems += self._check_run(run)
+        if run_ids is None:
+            for model in self.list_models():
+                key = self._model_dir(model)
+                problems += self._check_json(f"{key}/metadata.json")
+                problems += self._check_tensor_file(f"{key}/model.safetensors")
+        return problems
+
+    def _check_json(self, key: str, *, required: bool = True) -> list[Problem]:
+        try:
+            self._read_json(key)
+        except FileNotFoundError:
+            return [Problem(self._where(key), "missing")] if required else []
+        except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
+            return [Problem(self._where(key), f"unreadable JSON: {e}")]
+        return []
+
+    def _check_tensor_file(self, key: str, names: Sequence[str] | None = None) -> list[Problem]:
+        where = self._where(key)
+        try:
+            with self._open(key) as f:
+                header = tf.read_header(f, where)
+                for name in header.tensors if names is None else names:
+                    tf.read_tensor(f, header, name, where, verify=True)
+        except FileNotFoundError:
+            return [Problem(where, "missing (listed in its entry's metadata)")]
+        except tf.CorruptFileError as e:
+            return [Problem(where, e.reason)]
+        except OSError as e:
+            return [Problem(where, f"unreadable: {e}")]
+        return []
+
+    def _check_run(self, run: str) -> list[Problem]:
+        problems: list[Problem] = []
+        run_dir = self._run_dir(run)
+        problems += self._check_json(f"{run_dir}/meta.json", required=False)
+        for name, is_dir in sorted(self._list(run_dir)):
+            key = f"{run_dir}/{name}"
+            if is_dir and _BATCH_DIR.fullmatch(name):
+                meta_key = f"{key}/metadata.json"
+                try:
+                    meta = self._read_json(meta_key)
+                    names = self._read_names_field(meta.get(TENSOR_NAMES_FIELD), self._where(meta_key))
+                except FileNotFoundError:
+                    problems.append(Problem(self._where(meta_key), "missing: the batch directory has no metadata.json"))
+                    continue
+                except (ValueError, OSError, AttributeError) as e:
+                    problems.append(Problem(self._where(meta_key), f"unreadable batch metadata: {e}"))
+                    continue
+                for layer, keys in names.items():
+                    for k in keys:
+                        problems += self._check_tensor_file(f"{key}/{layer}/{k}.safetensors", [TENSOR_NAME])
+            elif not is_dir and _RUN_BATCH_FILE.fullmatch(name):
+                problems += self._check_tensor_file(key)
+        det = f"{run_dir}/detectors"
+        try:
+            legacy = self._legacy_run_entries(det)
+        except (ValueError, OSError) as e:
+            problems.append(Problem(self._where(f"{det}/metadata.json"), f"unreadable: {e}"))
+            legacy = []
+        legacy_files = {
+            f"{det}/{layer}/{k}.safetensors"
+            for entry in legacy
+            if isinstance(entry, dict) and isinstance(entry.get(TENSOR_NAMES_FIELD), dict)
+            for layer, keys in entry[TENSOR_NAMES_FIELD].items()
+            if isinstance(keys, list) and _is_valid_name(layer)
+            for k in keys
+            if _is_valid_name(k)
+        }
+        for key in sorted(legacy_files):
+            problems += self._check_tensor_file(key)
+        for name, _ in sorted(self._list(f"{det}/{ENTRIES_DIR}")):
+            if _ENTRY_FILE.fullmatch(name):
+                problems += self._check_tensor_file(f"{det}/{ENTRIES_DIR}/{name}")
+        return problems
 
     # ------------------------------------------------------------------ single tensors
 
@@ -670,7 +798,7 @@ class LayoutStore(Store):
         where = self._where(key)
         with self._open(key) as f:
             header = tf.read_header(f, where)
-            return tf.read_tensor(f, header, TENSOR_NAME, where)
+            return tf.read_tensor(f, header, TENSOR_NAME, where, verify=self.verify_reads)
 
 
 def _is_valid_name(name: str) -> bool:
@@ -679,3 +807,14 @@ def _is_valid_name(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One damaged file found by :meth:`LayoutStore.check`."""
+
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -48,6 +49,10 @@ CODE_TO_DTYPE: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_TO
 
 # safetensors refuses headers above 100 MB; so do we, before allocating anything.
 MAX_HEADER_BYTES = 100_000_000
+
+# In ``__metadata__``: JSON ``{tensor name: CRC-32 of its bytes as 8 hex digits}``. safetensors
+# and mi_crow 1.0 ignore ``__metadata__`` when loading, so they read our files unchanged.
+CRC_FIELD = "mi_crow_store.crc32"
 
 Buffer = bytes | bytearray | memoryview
 
@@ -105,30 +110,30 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     data starts at a multiple of its element size (as safetensors does).
     """
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
+    entries: dict[str, Any] = {}
+    crcs: dict[str, str] = {}
     offset = 0
     parts: list[Buffer] = [b""]
     for name in order:
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
-        header[name] = {
+        entries[name] = {
             "dtype": DTYPE_TO_CODE[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
+        data = tensor_bytes(t)
+        crcs[name] = f"{zlib.crc32(data):08x}"
         if nbytes:
-            parts.append(tensor_bytes(t))
+            parts.append(data)
+    meta = dict(metadata or {})
+    meta[CRC_FIELD] = json.dumps(crcs, separators=(",", ":"), ensure_ascii=False)
+    header = {"__metadata__": meta, **entries}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     parts[0] = struct.pack("<Q", len(raw)) + raw
     return parts
-
-
-def encoded_size(parts: Sequence[Buffer]) -> int:
-    return sum(memoryview(p).nbytes for p in parts)
 
 
 @dataclass(frozen=True)
@@ -144,10 +149,25 @@ class Header:
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
     data_start: int
+    checksums: dict[str, int]  # empty for files written without them (mi_crow 1.0, safetensors)
 
 
-def _corrupt(where: str, why: str) -> OSError:
-    return OSError(f"corrupt or truncated safetensors file {where}: {why}")
+class CorruptFileError(OSError):
+    """A stored file is truncated, unparseable, or fails its checksum (an ``OSError``).
+
+    Attributes:
+        path: The file, as the store names it.
+        reason: What is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"corrupt or truncated safetensors file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _corrupt(where: str, why: str) -> CorruptFileError:
+    return CorruptFileError(where, why)
 
 
 def _read_exact(f: BinaryIO, n: int, where: str) -> bytes:
@@ -202,33 +222,53 @@ def read_header(f: BinaryIO, where: str) -> Header:
         if end > data_len:
             raise _corrupt(where, f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
         tensors[name] = TensorEntry(dtype, shape, begin, end)
-    return Header(tensors, dict(metadata), 8 + n)
+    checksums: dict[str, int] = {}
+    if CRC_FIELD in metadata:
+        try:
+            checksums = {k: int(v, 16) for k, v in json.loads(metadata[CRC_FIELD]).items()}
+        except (AttributeError, TypeError, ValueError) as e:
+            raise _corrupt(where, f"bad {CRC_FIELD!r} in __metadata__ ({e})") from None
+    return Header(tensors, dict(metadata), 8 + n, checksums)
 
 
-def read_tensor(f: BinaryIO, header: Header, name: str, where: str) -> torch.Tensor:
-    """Read tensor ``name`` into newly allocated memory (one ``readinto``, no extra copy)."""
+def read_tensor(f: BinaryIO, header: Header, name: str, where: str, *, verify: bool = False) -> torch.Tensor:
+    """Read tensor ``name`` into newly allocated memory (one ``readinto``, no extra copy).
+
+    With ``verify``, the bytes read are checked against the CRC-32 recorded at write time
+    (files without one, such as mi_crow 1.0's, are only checked for size).
+
+    Raises:
+        OSError: If the file is truncated, or with ``verify`` if the checksum differs.
+    """
     try:
         entry = header.tensors[name]
     except KeyError:
-        raise OSError(f"{where} holds no tensor named {name!r} (it has {sorted(header.tensors)})") from None
+        raise _corrupt(where, f"no tensor named {name!r} (it has {sorted(header.tensors)})") from None
     out = torch.empty(entry.shape, dtype=entry.dtype)
     nbytes = entry.end - entry.begin
-    if nbytes == 0:
-        return out
     view = tensor_bytes(out)
-    f.seek(header.data_start + entry.begin)
-    done = 0
-    while done < nbytes:
-        got = f.readinto(view[done:])  # type: ignore[attr-defined]  # BinaryIO's stub lacks it
-        if not got:
-            raise _corrupt(where, f"tensor {name!r} ends after {done} of {nbytes} bytes")
-        done += got
+    if nbytes:
+        f.seek(header.data_start + entry.begin)
+        done = 0
+        while done < nbytes:
+            got = f.readinto(view[done:])  # type: ignore[attr-defined]  # BinaryIO's stub lacks it
+            if not got:
+                raise _corrupt(where, f"tensor {name!r} ends after {done} of {nbytes} bytes")
+            done += got
+    if verify and name in header.checksums:
+        crc = zlib.crc32(view)
+        if crc != header.checksums[name]:
+            raise _corrupt(
+                where,
+                f"checksum mismatch: tensor {name!r} has CRC-32 {crc:08x}, "
+                f"{header.checksums[name]:08x} was recorded when it was written",
+            )
     return out
 
 
-def read_all(f: BinaryIO, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_all(f: BinaryIO, where: str, *, verify: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor of a file and its ``__metadata__``; names sorted, as safetensors does."""
     header = read_header(f, where)
     in_file_order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
-    loaded = {name: read_tensor(f, header, name, where) for name in in_file_order}
+    loaded = {name: read_tensor(f, header, name, where, verify=verify) for name in in_file_order}
     return {name: loaded[name] for name in sorted(loaded)}, header.metadata

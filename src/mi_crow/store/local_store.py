@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mi_crow.store import _atomic
 from mi_crow.store._layout import LayoutStore
@@ -64,6 +67,73 @@ class _LocalDir:
         os.close(self.fd)
 
 
+LOCK_NAME = ".mi-crow-store.lock"
+
+
+class _WriterLock:
+    """A shared ``flock`` held by this process while any of its threads writes; ``gc`` takes it
+    exclusively, so it never removes the temp file of a write in progress.
+
+    Writers never exclude each other (the lock is shared); the per-process count exists because
+    ``flock`` locks belong to the open file, which all threads of a process share.
+    """
+
+    def __init__(self, base_path: Path):
+        self.path = os.path.join(base_path, LOCK_NAME)
+        self._mutex = threading.Lock()
+        self._count = 0
+        self._fd = -1
+        self._pid = -1
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._mutex:
+            if self._pid != os.getpid():  # a forked child must not share (and release) our lock
+                self._fd, self._pid, self._count = -1, os.getpid(), 0
+            if self._count == 0:
+                if self._fd < 0:
+                    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                fcntl.flock(self._fd, fcntl.LOCK_SH)
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._count -= 1
+                if self._count == 0:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``LocalStore.gc`` removed: leftover paths and the bytes they held."""
+
+    removed: list[str]
+    bytes_freed: int
+
+
+def _tree_size(path: str) -> int:
+    if not os.path.isdir(path) or os.path.islink(path):
+        return os.lstat(path).st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 class LocalStore(LayoutStore):
     """Local filesystem implementation of Store interface.
 
@@ -90,6 +160,7 @@ class LocalStore(LayoutStore):
         model_prefix: str = "models",
         *,
         durable: bool = False,
+        verify: bool = False,
     ):
         """Initialize LocalStore.
 
@@ -100,9 +171,20 @@ class LocalStore(LayoutStore):
             model_prefix: Prefix for models directory
             durable: Also fsync files and directories, so committed data survives power
                 loss (slower); the default already survives process crashes.
+            verify: Check every tensor read against its recorded CRC-32.
         """
-        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix)
+        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify)
         self.durable = durable
+        self._writers = _WriterLock(self.base_path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["_writers"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._writers = _WriterLock(self.base_path)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.base_path)!r}, durable={self.durable})"
@@ -130,6 +212,10 @@ class LocalStore(LayoutStore):
     # ------------------------------------------------------------------ byte operations
 
     def _write(self, key: str, parts: Sequence[Buffer]) -> None:
+        with self._writers.shared():
+            self._write_locked(key, parts)
+
+    def _write_locked(self, key: str, parts: Sequence[Buffer]) -> None:
         path = self._path(key, create_parent=True)
         parent = os.path.dirname(path)
         tmp = os.path.join(parent, _atomic.unique_name(_atomic.TMP_PREFIX))
@@ -143,6 +229,10 @@ class LocalStore(LayoutStore):
         self._sync_dir(parent)
 
     def _write_new(self, key: str, parts: Sequence[Buffer]) -> bool:
+        with self._writers.shared():
+            return self._write_new_locked(key, parts)
+
+    def _write_new_locked(self, key: str, parts: Sequence[Buffer]) -> bool:
         path = self._path(key, create_parent=True)
         parent = os.path.dirname(path)
         tmp = os.path.join(parent, _atomic.unique_name(_atomic.TMP_PREFIX))
@@ -158,6 +248,10 @@ class LocalStore(LayoutStore):
         return created
 
     def _write_dir(self, key: str, files: Mapping[str, Sequence[Buffer]]) -> None:
+        with self._writers.shared():
+            self._write_dir_locked(key, files)
+
+    def _write_dir_locked(self, key: str, files: Mapping[str, Sequence[Buffer]]) -> None:
         path = self._path(key, create_parent=True)
         parent = os.path.dirname(path)
         stage = os.path.join(parent, _atomic.unique_name(_atomic.STAGE_PREFIX))
@@ -208,6 +302,10 @@ class LocalStore(LayoutStore):
             return []
 
     def _delete(self, key: str) -> None:
+        with self._writers.shared():
+            self._delete_locked(key)
+
+    def _delete_locked(self, key: str) -> None:
         path = self._path(key)
         parent = os.path.dirname(path)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -224,3 +322,46 @@ class LocalStore(LayoutStore):
             except FileNotFoundError:
                 return
             self._sync_dir(parent)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def gc(self) -> GcReport:
+        """Remove what killed writers left behind: temp files, staging and trash directories.
+
+        Waits until no write of any process is in progress (writers hold a shared lock), so
+        it is safe to run while other processes use the store. Committed entries are never
+        touched: leftovers carry reserved names (``.tmp-``, ``.stage-``, ``.trash-``) that no
+        entry can have.
+
+        Returns:
+            A :class:`GcReport` with the removed paths and the bytes freed.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from mi_crow.store import LocalStore
+            >>> store = LocalStore(tempfile.mkdtemp())
+            >>> _ = store.put_run_batch("r", 0, [torch.ones(3)])
+            >>> store.gc().removed
+            []
+        """
+        removed: list[str] = []
+        freed = 0
+        prefixes = (_atomic.TMP_PREFIX, _atomic.STAGE_PREFIX, _atomic.TRASH_PREFIX)
+        base = str(self.base_path)
+        if not os.path.isdir(base):
+            return GcReport([], 0)
+        with self._writers.exclusive():
+            for root, dirs, files in os.walk(base):
+                for name in [d for d in dirs if d.startswith(prefixes)]:
+                    path = os.path.join(root, name)
+                    freed += _tree_size(path)
+                    shutil.rmtree(path)
+                    removed.append(path)
+                    dirs.remove(name)
+                for name in files:
+                    if name.startswith(prefixes):
+                        path = os.path.join(root, name)
+                        freed += os.lstat(path).st_size
+                        os.unlink(path)
+                        removed.append(path)
+        return GcReport(sorted(removed), freed)

@@ -12,7 +12,7 @@ import errno
 import io
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mi_crow.store._layout import LayoutStore
 from mi_crow.store._tensor_file import Buffer
@@ -64,9 +64,20 @@ class MemoryStore(LayoutStore):
         runs_prefix: str = "runs",
         dataset_prefix: str = "datasets",
         model_prefix: str = "models",
+        *,
+        verify: bool = False,
     ):
-        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix)
+        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify)
         self._files: dict[str, bytes] = {}
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
