@@ -141,5 +141,41 @@ def ls(path: Path, runs: tuple[str, ...]) -> None:
     _print_table(describe(store, list(runs) or None))
 
 
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--run", "runs", multiple=True, help="Only this run (repeatable); models are then skipped.")
+def verify(path: Path, runs: tuple[str, ...]) -> None:
+    """Check every entry of the store at PATH; print each damaged file. Exit 1 if any."""
+    store = LocalStore(path)
+    problems = store.check(list(runs) or None)
+    for p in problems:
+        click.echo(f"CORRUPT {p.path}: {p.problem}")
+    leftovers = _leftovers(path)
+    if leftovers:
+        click.echo(
+            f"note: {len(leftovers)} leftover(s) of interrupted writes (not data); "
+            f"`mi-crow-store gc {path}` removes them"
+        )
+    scope = ", ".join(runs) if runs else "all runs and models"
+    if problems:
+        click.echo(f"{len(problems)} damaged file(s) in {scope}")
+        sys.exit(1)
+    click.echo(f"ok: {scope} verified")
+
+
+def _leftovers(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.name.startswith((".tmp-", ".stage-", ".trash-"))]
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def gc(path: Path) -> None:
+    """Remove temp files and directories that interrupted writes left in the store at PATH."""
+    report = LocalStore(path).gc()
+    for removed in report.removed:
+        click.echo(f"removed {removed}")
+    click.echo(f"{len(report.removed)} leftover(s) removed, {_fmt_bytes(report.bytes_freed)} freed")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

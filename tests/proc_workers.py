@@ -1,0 +1,176 @@
+"""Code that runs in real child processes for the crash and concurrency tests.
+
+Children come from a ``forkserver`` that has already imported torch and the store, so each
+starts in milliseconds; they report progress by appending lines to a log file with single
+``write`` calls (which survive the writer being SIGKILLed at any instant).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mi_crow.store import LocalStore
+
+_CTX: Any = None
+
+
+def context() -> Any:
+    """A forkserver context whose server has torch and the store preloaded."""
+    global _CTX
+    if _CTX is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "mi_crow.store", "proc_workers"])
+        _CTX = ctx
+    return _CTX
+
+
+def log_line(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (text + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def read_log(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return [line for line in f.read().split("\n") if line]
+    except FileNotFoundError:
+        return []
+
+
+# ---------------------------------------------------------------------- crash writers
+
+
+def batch_tensors(v: int, layers: int = 3, n: int = 64 * 1024) -> dict[str, dict[str, torch.Tensor]]:
+    """Every tensor of version ``v`` is filled with ``v``: a mix of versions is visible."""
+    return {
+        f"l{j}": {"activations": torch.full((n,), float(v)), "attention_mask": torch.full((64,), v, dtype=torch.int64)}
+        for j in range(layers)
+    }
+
+
+def _op_new_batch(store: LocalStore, v: int) -> None:
+    store.put_detector_metadata("r", v, {"v": v}, batch_tensors(v))
+
+
+def _op_overwrite(store: LocalStore, v: int) -> None:
+    store.put_detector_metadata("r", 0, {"v": v}, batch_tensors(v))
+
+
+def _op_run_batch(store: LocalStore, v: int) -> None:
+    store.put_run_batch("r", v % 4, {"a": torch.full((512 * 1024,), float(v)), "v": torch.tensor([v])})
+
+
+def _op_run_metadata(store: LocalStore, v: int) -> None:
+    store.put_run_metadata("r", {"v": v, "pad": "x" * 200_000})
+
+
+def _op_append(store: LocalStore, v: int) -> None:
+    store.put_run_detector_metadata("r", {"v": v}, batch_tensors(v, layers=2))
+
+
+def _op_delete_run(store: LocalStore, v: int) -> None:
+    run = f"d{v}"
+    for i in range(3):
+        store.put_detector_metadata(run, i, {"v": v}, batch_tensors(v, layers=2))
+    store.delete_run(run)
+
+
+def _op_model(store: LocalStore, v: int) -> None:
+    store.put_model("m", {"w": torch.full((512 * 1024,), float(v)), "b": torch.full((8,), float(v))}, {"v": v})
+
+
+CRASH_OPS: dict[str, Callable[[LocalStore, int], None]] = {
+    "new_batch": _op_new_batch,
+    "overwrite": _op_overwrite,
+    "run_batch": _op_run_batch,
+    "run_metadata": _op_run_metadata,
+    "append": _op_append,
+    "delete_run": _op_delete_run,
+    "model": _op_model,
+}
+
+
+def crash_writer(op: str, root: str, log: str, first: int) -> None:
+    """Run ``op`` with versions first, first+1, ... until killed; log each version that returned."""
+    store = LocalStore(root)
+    log_line(log, "start")
+    for v in range(first, first + 100_000):
+        CRASH_OPS[op](store, v)
+        log_line(log, str(v))
+
+
+# ---------------------------------------------------------------------- concurrent workers
+
+
+def appender(root: str, writer: int, count: int) -> None:
+    store = LocalStore(root)
+    for i in range(count):
+        value = writer * 1000 + i
+        store.put_run_detector_metadata(
+            "shared", {"writer": writer, "i": i}, {"l": {"x": torch.full((1000 + 37 * i,), value, dtype=torch.int64)}}
+        )
+
+
+def batch_writer(root: str, writer: int, count: int) -> None:
+    store = LocalStore(root)
+    for i in range(count):
+        idx = writer * count + i
+        store.put_detector_metadata("shared", idx, {"idx": idx}, batch_tensors(idx, layers=2, n=4096))
+
+
+def overwriter(root: str, writer: int, count: int) -> None:
+    store = LocalStore(root)
+    for i in range(count):
+        v = writer * 100_000 + i + 1
+        store.put_detector_metadata("shared", 0, {"v": v}, batch_tensors(v, layers=3, n=32 * 1024))
+
+
+def metadata_writer(root: str, writer: int, count: int) -> None:
+    store = LocalStore(root)
+    for i in range(count):
+        store.put_run_metadata("shared", {"writer": writer, "i": i, "pad": "y" * 20_000})
+
+
+def reader(root: str, kind: str, log: str, stop_file: str) -> None:
+    """Read continuously until ``stop_file`` exists; log a JSON summary (and any inconsistency)."""
+    store = LocalStore(root)
+    reads, errors, seen = 0, [], set()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(stop_file) and time.monotonic() < deadline:
+        try:
+            if kind == "batch":
+                meta, tensors = store.get_detector_metadata("shared", 0)
+                v = meta["v"]
+                seen.add(v)
+                if len(tensors) != 3:
+                    errors.append(f"v={v}: layers {sorted(tensors)}")
+                for layer, keys in tensors.items():
+                    for key, t in keys.items():
+                        if not bool((t == v).all()):
+                            errors.append(f"v={v}: {layer}/{key} holds {t.unique().tolist()[:3]}")
+            else:
+                meta = store.get_run_metadata("shared")
+                if meta:
+                    seen.add((meta["writer"], meta["i"]))
+                    if meta["pad"] != "y" * 20_000:
+                        errors.append("torn metadata")
+        except Exception as e:  # reported to the test, which fails on any
+            errors.append(f"{type(e).__name__}: {e}")
+        reads += 1
+    log_line(log, json.dumps({"reads": reads, "errors": errors[:20], "versions": len(seen)}))
+
+
+def entry_order(root: str, log: str) -> None:
+    store = LocalStore(root)
+    order = [(m["writer"], m["i"]) for m, _ in store.iter_run_detector_metadata("shared")]
+    log_line(log, json.dumps(order))
