@@ -288,3 +288,38 @@ def test_readers_never_see_a_mix_during_overwrites(store: LocalStore) -> None:
     writer.join()
     assert not errors
     assert len(seen) > 1
+
+
+def test_hostile_names_touch_nothing_outside_base_path(tmp_path: Path) -> None:
+    """Every public method with every hostile name: ValueError, and the file system is unchanged."""
+    from mi_crow.store.testing import HOSTILE_NAMES
+
+    base = tmp_path / "a" / "b" / "store"
+    store = LocalStore(base)
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(1)}})
+    canaries = [tmp_path / "a" / "x", tmp_path / "a" / "b" / "x", tmp_path / "x", Path("/tmp/x")]
+    for c in canaries[:3]:
+        c.mkdir(parents=True, exist_ok=True)
+        (c / "meta.json").write_text("{}")
+    snapshot = sorted(str(p) for p in tmp_path.rglob("*"))
+    t = {"l": {"k": torch.ones(1)}}
+    for name in HOSTILE_NAMES:
+        for call in (
+            lambda: store.put_run_metadata(name, {}),
+            lambda: store.put_detector_metadata(name, 0, {}, t),
+            lambda: store.put_run_batch(name, 0, [torch.ones(1)]),
+            lambda: store.put_run_detector_metadata(name, {}, t),
+            lambda: store.put_model(name, {"w": torch.ones(1)}),
+            lambda: store.delete_run(name),
+            lambda: store.delete_model(name),
+            lambda: store.get_run_metadata(name),
+        ):
+            with pytest.raises(ValueError):
+                call()
+    for key in ["", "..", "../x", "a/../../b", "/tmp/x", "a\\b", "a/\x00", ".hidden/t", "a//b", "a/./b", 3, None]:
+        with pytest.raises(ValueError):
+            store.put_tensor(key, torch.ones(1))  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            store.get_tensor(key)  # type: ignore[arg-type]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == snapshot
+    assert all((c / "meta.json").read_text() == "{}" for c in canaries[:3])
