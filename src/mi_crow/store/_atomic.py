@@ -17,7 +17,7 @@ import os
 import uuid
 from collections.abc import Sequence
 
-from mi_crow.store._tensor_file import Buffer
+from mi_crow.store._tensor_file import Buffer, Payload
 
 TMP_PREFIX = ".tmp-"
 STAGE_PREFIX = ".stage-"
@@ -54,11 +54,19 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> int:
     return total
 
 
-def create_file(path: str, parts: Sequence[Buffer], *, durable: bool) -> None:
-    """Create ``path`` (which must not exist) holding ``parts``; fsync it if ``durable``."""
+def create_file(path: str, payload: Payload, *, durable: bool) -> None:
+    """Create ``path`` (which must not exist) holding ``payload``; fsync it if ``durable``.
+
+    The data goes first, at the head's offset, and the head last: a head still being
+    computed (checksums) is computed while the data is written.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        write_all(fd, parts)
+        if payload.data:
+            os.lseek(fd, payload.head_size, os.SEEK_SET)
+            write_all(fd, payload.data)
+            os.lseek(fd, 0, os.SEEK_SET)
+        write_all(fd, [payload.head()])
         if durable:
             os.fsync(fd)
     finally:

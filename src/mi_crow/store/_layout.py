@@ -26,7 +26,7 @@ from mi_crow.store import _tensor_file as tf
 from mi_crow.store._names import check_batch_index, check_name, check_relpath
 from mi_crow.store.store import RunBatch, Store, TensorMetadata
 
-Buffer = tf.Buffer
+Payload = tf.Payload
 T = TypeVar("T")
 
 TENSOR_NAMES_FIELD = "_tensor_metadata_names"  # mi_crow 1.0's field in batch metadata.json
@@ -112,15 +112,15 @@ class LayoutStore(Store):
     # ------------------------------------------------------------------ backend API
 
     @abc.abstractmethod
-    def _write(self, key: str, parts: Sequence[Buffer]) -> None:
-        """Atomically create or replace file ``key`` with the concatenated ``parts``."""
+    def _write(self, key: str, payload: Payload) -> None:
+        """Atomically create or replace file ``key`` with ``payload`` (head, then data)."""
 
     @abc.abstractmethod
-    def _write_new(self, key: str, parts: Sequence[Buffer]) -> bool:
+    def _write_new(self, key: str, payload: Payload) -> bool:
         """Atomically create file ``key`` unless it exists (put-if-absent); ``False`` if it did."""
 
     @abc.abstractmethod
-    def _write_dir(self, key: str, files: Mapping[str, Sequence[Buffer]]) -> None:
+    def _write_dir(self, key: str, files: Mapping[str, Payload]) -> None:
         """Atomically replace directory ``key`` by one holding exactly ``files``.
 
         ``files`` maps ``/``-separated relative names to contents; readers see either the
@@ -258,7 +258,7 @@ class LayoutStore(Store):
         """
         key = f"{self._run_dir(run_id)}/meta.json"
         data = _json.dumps(_json.encode_metadata(meta, "meta"))
-        self._write(key, [data])
+        self._write(key, Payload(data))
         return key
 
     def get_run_metadata(self, run_id: str) -> Dict[str, Any]:
@@ -299,11 +299,11 @@ class LayoutStore(Store):
         _json.encode_metadata(metadata, "metadata", reserved=(TENSOR_NAMES_FIELD,))
         prepared, names = self._prepare_tensor_metadata(tensor_metadata)
         meta_bytes = _json.dumps({**metadata, TENSOR_NAMES_FIELD: names})
-        files: dict[str, Sequence[Buffer]] = {}
+        files: dict[str, Payload] = {}
         for layer, tensors in prepared.items():
             for tkey, t in tensors.items():
                 files[f"{layer}/{tkey}.safetensors"] = tf.encode({TENSOR_NAME: t})
-        files["metadata.json"] = [meta_bytes]  # last: the file that makes the batch readable
+        files["metadata.json"] = Payload(meta_bytes)  # last: the file that makes the batch readable
         self._write_dir(key, files)
         return key
 
@@ -512,13 +512,13 @@ class LayoutStore(Store):
         prepared, names = self._prepare_tensor_metadata(tensor_metadata)
         entry = json.dumps({"metadata": metadata, "tensors": names}, ensure_ascii=False, allow_nan=False)
         flat = {f"{layer}/{k}": t for layer, tensors in prepared.items() for k, t in tensors.items()}
-        parts = tf.encode(flat, {ENTRY_FIELD: entry})
+        payload = tf.encode(flat, {ENTRY_FIELD: entry})
         run_key = self._run_dir(run_id)
         with self._append_lock:
             n = self._append_next.get(run_key)
         if n is None:
             n = self._next_entry_number(det)
-        while not self._write_new(f"{det}/{ENTRIES_DIR}/{n:0{ENTRY_DIGITS}d}.safetensors", parts):
+        while not self._write_new(f"{det}/{ENTRIES_DIR}/{n:0{ENTRY_DIGITS}d}.safetensors", payload):
             # Another writer took n: look again rather than step by one, in case many did.
             n = max(n + 1, self._next_entry_number(det))
         with self._append_lock:
@@ -640,7 +640,7 @@ class LayoutStore(Store):
         prepared = self._check_tensor_names(tensors, "tensors")
         self._write_dir(
             key,
-            {"model.safetensors": tf.encode(prepared, {"format": "pt"}), "metadata.json": [_json.dumps(meta)]},
+            {"model.safetensors": tf.encode(prepared, {"format": "pt"}), "metadata.json": Payload(_json.dumps(meta))},
         )
         return key
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -103,17 +105,78 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
-def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list[Buffer]:
-    """Encode prepared tensors as a safetensors file: ``[header, data, data, ...]``.
+# Below this many data bytes the CRC is computed inline; above, on a helper thread while the
+# backend writes the data (zlib releases the GIL), so checksumming costs no wall time.
+_CRC_THREAD_MIN = 1 << 20
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_pid = -1
 
-    Tensors are laid out by decreasing element size, then by name, so every tensor's
-    data starts at a multiple of its element size (as safetensors does).
+
+def _crc_executor() -> ThreadPoolExecutor:
+    global _crc_pool, _crc_pool_pid
+    if _crc_pool is None or _crc_pool_pid != os.getpid():  # threads do not survive fork
+        _crc_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mi-crow-store-crc")
+        _crc_pool_pid = os.getpid()
+    return _crc_pool
+
+
+class Payload:
+    """The contents of one file as a backend writes it: a head, then data buffers.
+
+    The head may be computed late (a safetensors header waits for the checksums being
+    computed while the data is written); its size is known from the start, so a backend can
+    write the data at ``head_size`` first and the head at offset 0 last.
+    """
+
+    __slots__ = ("_finish", "_head", "data", "head_size")
+
+    def __init__(
+        self,
+        head: bytes | None,
+        data: Sequence[Buffer] = (),
+        *,
+        head_size: int | None = None,
+        finish: Callable[[], bytes] | None = None,
+    ):
+        self._head = head
+        self._finish = finish
+        self.head_size = len(head) if head is not None else int(head_size or 0)
+        self.data = list(data)
+
+    def head(self) -> bytes:
+        """The head, waiting for it if it is still being computed."""
+        if self._head is None:
+            assert self._finish is not None
+            head = self._finish()
+            if len(head) != self.head_size:  # pragma: no cover - would corrupt the file
+                raise AssertionError(f"head is {len(head)} bytes, {self.head_size} were reserved")
+            self._head = head
+        return self._head
+
+    def buffers(self) -> list[Buffer]:
+        """Head and data, for a backend that writes everything at once."""
+        return [self.head(), *self.data]
+
+    def nbytes(self) -> int:
+        return self.head_size + sum(memoryview(d).nbytes for d in self.data)
+
+
+def _crc_all(views: Sequence[memoryview]) -> list[int]:
+    return [zlib.crc32(v) for v in views]
+
+
+def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Payload:
+    """Encode prepared tensors as a safetensors file: a header, then each tensor's own memory.
+
+    Tensors are laid out by decreasing element size, then by name, so every tensor's data
+    starts at a multiple of its element size (as safetensors does). The CRC-32 of every
+    tensor goes into ``__metadata__``; for large tensors it is computed on a helper thread
+    while the caller writes the data, and the header waits for it.
     """
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     entries: dict[str, Any] = {}
-    crcs: dict[str, str] = {}
+    views: list[memoryview] = []
     offset = 0
-    parts: list[Buffer] = [b""]
     for name in order:
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
@@ -123,17 +186,26 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
-        data = tensor_bytes(t)
-        crcs[name] = f"{zlib.crc32(data):08x}"
-        if nbytes:
-            parts.append(data)
-    meta = dict(metadata or {})
-    meta[CRC_FIELD] = json.dumps(crcs, separators=(",", ":"), ensure_ascii=False)
-    header = {"__metadata__": meta, **entries}
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    parts[0] = struct.pack("<Q", len(raw)) + raw
-    return parts
+        views.append(tensor_bytes(t))
+
+    def header(crcs: Sequence[int]) -> bytes:
+        meta = dict(metadata or {})
+        meta[CRC_FIELD] = json.dumps(
+            {name: f"{crc:08x}" for name, crc in zip(order, crcs, strict=True)},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        raw = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+    data = [v for v in views if v.nbytes]
+    if offset < _CRC_THREAD_MIN:
+        return Payload(header(_crc_all(views)), data)
+    pending = _crc_executor().submit(_crc_all, views)
+    # Every CRC prints as exactly 8 hex digits, so the header's size is known before its values.
+    size = len(header([0] * len(views)))
+    return Payload(None, data, head_size=size, finish=lambda: header(pending.result()))
 
 
 @dataclass(frozen=True)

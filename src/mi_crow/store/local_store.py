@@ -15,14 +15,14 @@ import fcntl
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from mi_crow.store import _atomic
 from mi_crow.store._layout import LayoutStore
-from mi_crow.store._tensor_file import Buffer
+from mi_crow.store._tensor_file import Payload
 
 
 class _LocalDir:
@@ -211,16 +211,16 @@ class LocalStore(LayoutStore):
 
     # ------------------------------------------------------------------ byte operations
 
-    def _write(self, key: str, parts: Sequence[Buffer]) -> None:
+    def _write(self, key: str, payload: Payload) -> None:
         with self._writers.shared():
-            self._write_locked(key, parts)
+            self._write_locked(key, payload)
 
-    def _write_locked(self, key: str, parts: Sequence[Buffer]) -> None:
+    def _write_locked(self, key: str, payload: Payload) -> None:
         path = self._path(key, create_parent=True)
         parent = os.path.dirname(path)
         tmp = os.path.join(parent, _atomic.unique_name(_atomic.TMP_PREFIX))
         try:
-            _atomic.create_file(tmp, parts, durable=self.durable)
+            _atomic.create_file(tmp, payload, durable=self.durable)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -228,16 +228,16 @@ class LocalStore(LayoutStore):
             raise
         self._sync_dir(parent)
 
-    def _write_new(self, key: str, parts: Sequence[Buffer]) -> bool:
+    def _write_new(self, key: str, payload: Payload) -> bool:
         with self._writers.shared():
-            return self._write_new_locked(key, parts)
+            return self._write_new_locked(key, payload)
 
-    def _write_new_locked(self, key: str, parts: Sequence[Buffer]) -> bool:
+    def _write_new_locked(self, key: str, payload: Payload) -> bool:
         path = self._path(key, create_parent=True)
         parent = os.path.dirname(path)
         tmp = os.path.join(parent, _atomic.unique_name(_atomic.TMP_PREFIX))
         try:
-            _atomic.create_file(tmp, parts, durable=self.durable)
+            _atomic.create_file(tmp, payload, durable=self.durable)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -247,24 +247,24 @@ class LocalStore(LayoutStore):
             self._sync_dir(parent)
         return created
 
-    def _write_dir(self, key: str, files: Mapping[str, Sequence[Buffer]]) -> None:
+    def _write_dir(self, key: str, files: Mapping[str, Payload]) -> None:
         with self._writers.shared():
             self._write_dir_locked(key, files)
 
-    def _write_dir_locked(self, key: str, files: Mapping[str, Sequence[Buffer]]) -> None:
+    def _write_dir_locked(self, key: str, files: Mapping[str, Payload]) -> None:
         path = self._path(key, create_parent=True)
         parent = os.path.dirname(path)
         stage = os.path.join(parent, _atomic.unique_name(_atomic.STAGE_PREFIX))
         os.mkdir(stage)
         try:
             subdirs = {stage}
-            for rel, parts in files.items():
+            for rel, payload in files.items():
                 target = os.path.join(stage, rel)
                 sub = os.path.dirname(target)
                 if sub not in subdirs:
                     os.makedirs(sub, exist_ok=True)
                     subdirs.add(sub)
-                _atomic.create_file(target, parts, durable=self.durable)
+                _atomic.create_file(target, payload, durable=self.durable)
             if self.durable:
                 for sub in subdirs:
                     _atomic.fsync_dir(sub)

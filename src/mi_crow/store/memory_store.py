@@ -11,15 +11,15 @@ import contextlib
 import errno
 import io
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
 from mi_crow.store._layout import LayoutStore
-from mi_crow.store._tensor_file import Buffer
+from mi_crow.store._tensor_file import Payload
 
 
-def _join(parts: Sequence[Buffer]) -> bytes:
-    return b"".join(memoryview(p).cast("B") for p in parts)
+def _join(payload: Payload) -> bytes:
+    return b"".join(memoryview(p).cast("B") for p in payload.buffers())
 
 
 def _missing(key: str) -> FileNotFoundError:
@@ -90,21 +90,21 @@ class MemoryStore(LayoutStore):
         prefix = key + "/"
         return [k for k in self._files if k.startswith(prefix)]
 
-    def _write(self, key: str, parts: Sequence[Buffer]) -> None:
-        data = _join(parts)
+    def _write(self, key: str, payload: Payload) -> None:
+        data = _join(payload)
         with self._lock:
             self._files[key] = data
 
-    def _write_new(self, key: str, parts: Sequence[Buffer]) -> bool:
-        data = _join(parts)
+    def _write_new(self, key: str, payload: Payload) -> bool:
+        data = _join(payload)
         with self._lock:
             if key in self._files:
                 return False
             self._files[key] = data
             return True
 
-    def _write_dir(self, key: str, files: Mapping[str, Sequence[Buffer]]) -> None:
-        new = {f"{key}/{rel}": _join(parts) for rel, parts in files.items()}
+    def _write_dir(self, key: str, files: Mapping[str, Payload]) -> None:
+        new = {f"{key}/{rel}": _join(payload) for rel, payload in files.items()}
         with self._lock:
             for k in self._under(key):
                 del self._files[k]

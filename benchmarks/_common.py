@@ -1,0 +1,151 @@
+"""Shared pieces of the benchmarks: timing, tables, the mi_crow 1.0 reference in a subprocess.
+
+Every benchmark measures its candidates side by side in one run, on one directory, alternating
+them round by round (this VM's memory balloon makes never-touched pages slower than reused
+ones, so absolute numbers from different runs are not comparable), and prints medians and
+ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+REF_TARGET = Path(os.environ.get("MI_CROW_REF_PATH", REPO / ".venv" / "mi-crow-ref"))
+REF_SPEC = "mi-crow==1.0.0.post10"
+
+
+def parse_args(doc: str | None, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes (CI)")
+    parser.add_argument("--dir", default=None, help="directory to measure in (default: a temp dir under /tmp)")
+    parser.add_argument("--no-reference", action="store_true", help="skip mi_crow 1.0")
+    if extra:
+        extra(parser)
+    return parser.parse_args()
+
+
+@contextmanager
+def work_dir(path: str | None) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="mi-crow-bench-", dir=path))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def plain_write(path: Path, t: torch.Tensor) -> None:
+    """The machine's limit: one ``f.write`` of the tensor's bytes to a new file."""
+    with open(path, "wb") as f:
+        f.write(raw_bytes(t))
+
+
+def print_header(title: str) -> None:
+    print(f"\n## {title}\n")
+    py, cores = platform.python_version(), os.cpu_count()
+    print(f"machine: {platform.node()}, {cores} cores, Python {py}, torch {torch.__version__}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M')}\n")
+
+
+def print_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [list(map(str, head))] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    for n, r in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    sys.stdout.flush()
+
+
+def _fmt(c: Any) -> str:
+    if isinstance(c, float):
+        return f"{c:.3g}" if abs(c) < 1000 else f"{c:.0f}"
+    return str(c)
+
+
+def ensure_reference() -> bool:
+    """Install mi_crow 1.0 (its code only, ``--no-deps``) beside the venv; False if impossible."""
+    if (REF_TARGET / "mi_crow" / "store").is_dir():
+        return True
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(REF_TARGET), REF_SPEC],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+class Reference:
+    """mi_crow 1.0's LocalStore, running in its own process (its code never enters ours).
+
+    The worker imports mi_crow from ``REF_TARGET`` ahead of this package and answers one JSON
+    command per line (see ``_mi_crow_worker.py``).
+    """
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REF_TARGET)}
+        worker = Path(__file__).with_name("_mi_crow_worker.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(worker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the mi_crow reference worker died")
+        out: dict[str, Any] = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"mi_crow reference: {out['error']}")
+        return out
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def reference(args: argparse.Namespace) -> Reference | None:
+    if args.no_reference:
+        return None
+    if not ensure_reference():
+        print("note: mi_crow 1.0 could not be installed; reference columns are left out")
+        return None
+    return Reference()
+
+
+def make_tensor(shape: Sequence[int], dtype: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(getattr(torch, dtype))

@@ -1,0 +1,224 @@
+"""Write throughput: put_detector_metadata against a plain f.write of the same bytes and mi_crow 1.0.
+
+    python benchmarks/write.py [--quick]
+
+Sections: throughput (fp32 32 MiB, bf16 16 MiB, 8 layers x 2 keys), peak extra memory while
+putting a 512 MiB tensor, durable mode, and 512 tensors of 4 KiB in one batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from _common import (
+    make_tensor,
+    median,
+    parse_args,
+    plain_write,
+    print_header,
+    print_table,
+    reference,
+    timed,
+    work_dir,
+)
+
+from mi_crow.store import LocalStore
+
+CASES = [
+    ("fp32 [32,128,2048], 1 tensor", 1, 1, [32, 128, 2048], "float32"),
+    ("bf16 [32,128,2048], 1 tensor", 1, 1, [32, 128, 2048], "bfloat16"),
+    ("fp32 [32,128,256], 8 layers x 2 keys", 8, 2, [32, 128, 256], "float32"),
+]
+
+PEAK_CHILD = r"""
+import sys, torch
+from mi_crow.store import LocalStore
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+t = torch.randn(*map(int, sys.argv[2].split(","))).to(getattr(torch, sys.argv[3]))
+t.add_(0)
+rss = kib("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")
+LocalStore(sys.argv[1]).put_detector_metadata("peak", 0, {}, {"l": {"k": t}})
+print((kib("VmHWM") - rss) * 1024, t.numel() * t.element_size())
+"""
+
+
+def tensors(layers: int, keys: int, shape: list[int], dtype: str) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        f"layer{i}": {f"key{k}": make_tensor(shape, dtype, i * 100 + k) for k in range(keys)} for i in range(layers)
+    }
+
+
+def throughput(root: Path, ref: object, reps: int) -> None:
+    rows = []
+    for name, layers, keys, shape, dtype in CASES:
+        tm = tensors(layers, keys, shape, dtype)
+        nbytes = sum(t.numel() * t.element_size() for d in tm.values() for t in d.values())
+        store = LocalStore(root / "ours")
+        times: dict[str, list[float]] = {"plain": [], "ours": [], "mi_crow": []}
+        for rep in range(reps):
+            plain_dir = root / "plain"
+            plain_dir.mkdir()
+            order = ["plain", "ours", "mi_crow"] if rep % 2 == 0 else ["mi_crow", "ours", "plain"]
+            for who in order:
+                if who == "plain":
+                    times["plain"].append(
+                        timed(
+                            lambda: [
+                                plain_write(plain_dir / f"{layer}-{key}.bin", t)
+                                for layer, d in tm.items()
+                                for key, t in d.items()
+                            ]
+                        )
+                    )
+                elif who == "ours":
+                    times["ours"].append(timed(lambda: store.put_detector_metadata("run", rep, {"i": rep}, tm)))
+                elif ref is not None:
+                    times["mi_crow"].append(
+                        ref.call(  # type: ignore[attr-defined]
+                            op="put_detector",
+                            root=str(root / "ref"),
+                            run="run",
+                            batch=rep,
+                            layers=layers,
+                            keys=keys,
+                            shape=shape,
+                            dtype=dtype,
+                        )["seconds"]
+                    )
+            for d in ("plain", "ours", "ref"):
+                shutil.rmtree(root / d, ignore_errors=True)
+        plain, ours = median(times["plain"]), median(times["ours"])
+        ref_t = median(times["mi_crow"]) if times["mi_crow"] else float("nan")
+        rows.append(
+            [
+                name,
+                f"{nbytes / 2**20:.0f} MiB",
+                nbytes / plain / 1e9,
+                nbytes / ours / 1e9,
+                nbytes / ref_t / 1e9,
+                plain / ours,
+                plain / ref_t,
+                ref_t / ours,
+            ]
+        )
+    print_table(
+        ["case", "size", "plain GB/s", "ours GB/s", "mi_crow GB/s", "ours/plain", "mi_crow/plain", "ours vs mi_crow"],
+        rows,
+    )
+    print(f"\nmedians of {reps} alternating rounds; throughput ratios (higher is better)")
+
+
+def peak_memory(root: Path, ref: object, quick: bool) -> None:
+    shape, dtype = ([128, 1024, 1024], "float32") if not quick else ([64, 1024, 1024], "float32")
+    rows = []
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_CHILD, str(root / "peak-ours"), ",".join(map(str, shape)), dtype],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    extra, size = int(out[0]), int(out[1])
+    rows.append(["ours", f"{size / 2**20:.0f} MiB", f"{extra / 2**20:.1f} MiB", f"{100 * extra / size:.1f}%"])
+    if ref is not None:
+        r = ref.call(op="peak_put", root=str(root / "peak-ref"), shape=shape, dtype=dtype)  # type: ignore[attr-defined]
+        rows.append(
+            [
+                "mi_crow 1.0",
+                f"{r['tensor_bytes'] / 2**20:.0f} MiB",
+                f"{r['extra_bytes'] / 2**20:.1f} MiB",
+                f"{100 * r['extra_bytes'] / r['tensor_bytes']:.1f}%",
+            ]
+        )
+    print_table(["store", "tensor", "peak extra RSS during put", "of the tensor"], rows)
+    shutil.rmtree(root / "peak-ours", ignore_errors=True)
+    shutil.rmtree(root / "peak-ref", ignore_errors=True)
+
+
+def durability(root: Path, reps: int) -> None:
+    t = make_tensor([32, 128, 2048], "float32")
+    tm = {"l": {"k": t}}
+    nbytes = t.numel() * 4
+    fast, durable = LocalStore(root / "fast"), LocalStore(root / "durable", durable=True)
+    times: dict[str, list[float]] = {"plain": [], "plain+fsync": [], "ours": [], "ours durable": []}
+
+    def plain_fsync(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(t.numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    for rep in range(reps):
+        (root / "p").mkdir(exist_ok=True)
+        times["plain"].append(timed(lambda: plain_write(root / "p" / f"{rep}", t)))
+        times["plain+fsync"].append(timed(lambda: plain_fsync(root / "p" / f"f{rep}")))
+        times["ours"].append(timed(lambda: fast.put_detector_metadata("r", rep, {}, tm)))
+        times["ours durable"].append(timed(lambda: durable.put_detector_metadata("r", rep, {}, tm)))
+        for d in ("p", "fast", "durable"):
+            shutil.rmtree(root / d, ignore_errors=True)
+    rows = [[k, f"{median(v) * 1e3:.1f} ms", nbytes / median(v) / 1e9] for k, v in times.items()]
+    print_table(["32 MiB fp32 put", "median", "GB/s"], rows)
+
+
+def small_tensors(root: Path, reps: int) -> None:
+    n, layers = 512, 8
+    tm = {
+        f"layer{i}": {f"key{k}": make_tensor([1024], "float32", i * 1000 + k) for k in range(n // layers)}
+        for i in range(layers)
+    }
+    store = LocalStore(root / "ours")
+    raw_t: list[float] = []
+    ours_t: list[float] = []
+
+    def raw(rep: int) -> None:
+        base = root / "raw" / f"batch_{rep}"
+        for layer, d in tm.items():
+            (base / layer).mkdir(parents=True)
+            for key, t in d.items():
+                plain_write(base / layer / f"{key}.safetensors", t)
+
+    for rep in range(reps):
+        raw_t.append(timed(lambda: raw(rep)))
+        ours_t.append(timed(lambda: store.put_detector_metadata("r", rep, {}, tm)))
+        shutil.rmtree(root / "raw", ignore_errors=True)
+        shutil.rmtree(root / "ours", ignore_errors=True)
+    r, o = median(raw_t), median(ours_t)
+    print_table(
+        ["512 tensors x 4 KiB in one batch", "median", "per tensor"],
+        [
+            ["raw files (mkdir + write)", f"{r * 1e3:.1f} ms", f"{r / n * 1e6:.0f} us"],
+            ["ours (put_detector_metadata)", f"{o * 1e3:.1f} ms", f"{o / n * 1e6:.0f} us"],
+            ["ours / raw", f"{o / r:.2f}x", ""],
+        ],
+    )
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    reps = 5 if args.quick else 15
+    print_header("Write throughput")
+    ref = reference(args)
+    try:
+        with work_dir(args.dir) as root:
+            throughput(root, ref, reps)
+            print("\n### Peak extra memory during one put\n")
+            peak_memory(root, ref, args.quick)
+            print("\n### Durability modes\n")
+            durability(root, reps)
+            print("\n### Many small tensors\n")
+            small_tensors(root, reps)
+    finally:
+        if ref is not None:
+            ref.close()
+
+
+if __name__ == "__main__":
+    main()
