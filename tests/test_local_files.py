@@ -323,3 +323,21 @@ def test_hostile_names_touch_nothing_outside_base_path(tmp_path: Path) -> None:
             store.get_tensor(key)  # type: ignore[arg-type]
     assert sorted(str(p) for p in tmp_path.rglob("*")) == snapshot
     assert all((c / "meta.json").read_text() == "{}" for c in canaries[:3])
+
+
+def test_large_tensors_are_memory_mapped_copy_on_write(tmp_path: Path) -> None:
+    t = sample_tensor(torch.float32, (1024, 512))  # 2 MiB
+    store = LocalStore(tmp_path)
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": t, "small": torch.ones(4)}})
+    path = tmp_path / "runs/r/batch_0/l/k.safetensors"
+    before = path.read_bytes()
+    got = store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k")
+    maps = Path("/proc/self/maps").read_text()
+    assert str(path) in maps  # mapped, not copied
+    got.mul_(2)
+    assert path.read_bytes() == before  # private: the caller's writes never reach the file
+    unmapped = LocalStore(tmp_path, mmap=False).get_detector_metadata_by_layer_by_key("r", 0, "l", "k")
+    assert_same(unmapped, t)
+    with pytest.raises(OSError, match="truncated"):
+        path.write_bytes(before[:-4096])
+        store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k")  # checked before mapping: no SIGBUS

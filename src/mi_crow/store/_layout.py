@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,8 +49,8 @@ _READ_RETRIES = 8
 class DirReader(Protocol):
     """A consistent view of one directory, as returned by ``LayoutStore._open_dir``."""
 
-    def open(self, rel: str) -> ContextManager[BinaryIO]:
-        """Open the file ``rel`` (``/``-separated, relative to the directory)."""
+    def open(self, rel: str) -> BinaryIO:
+        """Open the file ``rel`` (``/``-separated, relative to the directory); close it after use."""
         ...
 
     def moved(self) -> bool:
@@ -95,6 +96,8 @@ class LayoutStore(Store):
             check_relpath(prefix, what)
         super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix)
         self.verify_reads = verify
+        # Tensors of at least this many bytes come back memory-mapped (backends with real files).
+        self._mmap_min: int | None = None
         self._append_lock = threading.Lock()
         self._append_next: dict[str, int] = {}
 
@@ -145,7 +148,7 @@ class LayoutStore(Store):
 
     def _where(self, key: str) -> str:
         """How to name ``key`` in an error message (a path, a URL)."""
-        return str(self.base_path / key)
+        return os.path.join(self.base_path, key)
 
     # ------------------------------------------------------------------ keys
 
@@ -166,6 +169,14 @@ class LayoutStore(Store):
     def _read_bytes(self, key: str) -> bytes:
         with self._open(key) as f:
             return f.read()
+
+    def _tensor(self, f: BinaryIO, header: tf.Header, name: str, where: str) -> torch.Tensor:
+        """Read one tensor the way this store reads (checksums, memory mapping)."""
+        return tf.read_tensor(f, header, name, where, verify=self.verify_reads, mmap_min=self._mmap_min)
+
+    def _tensors(self, f: BinaryIO, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Read every tensor of a file the way this store reads."""
+        return tf.read_all(f, where, verify=self.verify_reads, mmap_min=self._mmap_min)
 
     def _read_json(self, key: str) -> Any:
         """Parse the JSON file ``key``; ``FileNotFoundError`` if it is missing."""
@@ -339,17 +350,18 @@ class LayoutStore(Store):
             for layer, keys in names.items():
                 for tkey in keys:
                     rel = f"{layer}/{tkey}.safetensors"
-                    out.setdefault(layer, {})[tkey] = self._read_single(d.open(rel), self._where(f"{key}/{rel}"))
+                    out.setdefault(layer, {})[tkey] = self._read_listed(d, rel, self._where(f"{key}/{rel}"))
             return metadata, out
 
         not_found: tuple[Dict[str, Any], TensorMetadata] = ({}, {})
         return self._consistent_read(key, read, not_found)
 
-    def _read_single(self, opened: ContextManager[BinaryIO], where: str) -> torch.Tensor:
+    def _read_listed(self, d: DirReader, rel: str, where: str) -> torch.Tensor:
+        """Read the one-tensor file ``rel`` that a batch's metadata.json lists."""
         try:
-            with opened as f:
+            with d.open(rel) as f:
                 header = tf.read_header(f, where)
-                return tf.read_tensor(f, header, TENSOR_NAME, where, verify=self.verify_reads)
+                return self._tensor(f, header, TENSOR_NAME, where)
         except FileNotFoundError:
             raise FileNotFoundError(f"tensor file {where} is listed in its batch's metadata.json but missing") from None
 
@@ -370,7 +382,7 @@ class LayoutStore(Store):
         try:
             with self._open(fkey) as f:
                 header = tf.read_header(f, where)
-                return tf.read_tensor(f, header, TENSOR_NAME, where, verify=self.verify_reads)
+                return self._tensor(f, header, TENSOR_NAME, where)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"Tensor not found at {where} for run_id={run_id!r}, batch_index={batch_index}, "
@@ -424,7 +436,7 @@ class LayoutStore(Store):
         where = self._where(key)
         try:
             with self._open(key) as f:
-                loaded, meta = tf.read_all(f, where, verify=self.verify_reads)
+                loaded, meta = self._tensors(f, where)
         except FileNotFoundError:
             return self._run_batch_from_detector_layout(run_id, batch_index)
         kind = meta.get(KIND_FIELD)
@@ -579,9 +591,7 @@ class LayoutStore(Store):
                     raise OSError(f"{where} is not a run detector entry: bad {ENTRY_FIELD!r} ({e})") from None
                 tensors: TensorMetadata = {}
                 for layer, keys in self._read_names_field(tnames, where).items():
-                    tensors[layer] = {
-                        k: tf.read_tensor(f, header, f"{layer}/{k}", where, verify=self.verify_reads) for k in keys
-                    }
+                    tensors[layer] = {k: self._tensor(f, header, f"{layer}/{k}", where) for k in keys}
             yield metadata, tensors
 
     def _iter_legacy_entries(self, det: str, batches: list[Any]) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
@@ -604,9 +614,7 @@ class LayoutStore(Store):
                             f = stack.enter_context(self._open(f"{det}/{rel}"))
                             files[rel] = (f, tf.read_header(f, fwhere), fwhere)
                         f, header, fwhere = files[rel]
-                        tensors.setdefault(layer, {})[k] = tf.read_tensor(
-                            f, header, f"batch_{n}", fwhere, verify=self.verify_reads
-                        )
+                        tensors.setdefault(layer, {})[k] = self._tensor(f, header, f"batch_{n}", fwhere)
                 yield metadata, tensors
 
     # ------------------------------------------------------------------ models
@@ -658,7 +666,7 @@ class LayoutStore(Store):
             with d.open("metadata.json") as f:
                 meta = _json.loads(f.read(), self._where(f"{key}/metadata.json"))
             with d.open("model.safetensors") as f:
-                tensors, _ = tf.read_all(f, self._where(f"{key}/model.safetensors"), verify=self.verify_reads)
+                tensors, _ = self._tensors(f, self._where(f"{key}/model.safetensors"))
             return tensors, meta
 
         missing: tuple[Dict[str, torch.Tensor], Dict[str, Any]] | None = None
@@ -798,7 +806,7 @@ class LayoutStore(Store):
         where = self._where(key)
         with self._open(key) as f:
             header = tf.read_header(f, where)
-            return tf.read_tensor(f, header, TENSOR_NAME, where, verify=self.verify_reads)
+            return self._tensor(f, header, TENSOR_NAME, where)
 
 
 def _is_valid_name(name: str) -> bool:

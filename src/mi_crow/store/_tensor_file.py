@@ -11,8 +11,10 @@ byte-identical to ``safetensors.torch.save`` for single-tensor files and readabl
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import mmap
 import os
 import struct
 import zlib
@@ -216,12 +218,29 @@ class TensorEntry:
     end: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Header:
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
     data_start: int
-    checksums: dict[str, int]  # empty for files written without them (mi_crow 1.0, safetensors)
+    where: str
+    prefix: bytes = b""  # the file's first bytes, as read with the header (small files: all of it)
+    _checksums: dict[str, int] | None = None
+
+    def checksum(self, name: str) -> int | None:
+        """The CRC-32 recorded for tensor ``name``; None for files written without them."""
+        if self._checksums is None:
+            self._checksums = {}
+            if CRC_FIELD in self.metadata:  # parsed only when asked: plain reads skip it
+                try:
+                    self._checksums = {k: int(v, 16) for k, v in json.loads(self.metadata[CRC_FIELD]).items()}
+                except (AttributeError, TypeError, ValueError) as e:
+                    raise _corrupt(self.where, f"bad {CRC_FIELD!r} in __metadata__ ({e})") from None
+        return self._checksums.get(name)
+
+
+# The first read of a file asks for this much: the header, and all the data of a small file.
+_PREFETCH = 64 * 1024
 
 
 class CorruptFileError(OSError):
@@ -259,15 +278,22 @@ def read_header(f: BinaryIO, where: str) -> Header:
     Raises:
         OSError: If the file is truncated or its header is not valid safetensors.
     """
-    size = f.seek(0, 2)
     f.seek(0)
+    prefix = f.read(_PREFETCH) or b""
+    # A short first read reached the end of the file: its size is known without asking.
+    size = len(prefix) if len(prefix) < _PREFETCH else f.seek(0, 2)
     if size < 8:
         raise _corrupt(where, f"file is {size} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", _read_exact(f, 8, where))
+    (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES or n > size - 8:
         raise _corrupt(where, f"header length {n} exceeds the file size {size} or the 100 MB limit")
+    if 8 + n <= len(prefix):
+        header_bytes = prefix[8 : 8 + n]
+    else:
+        f.seek(8)
+        header_bytes = _read_exact(f, n, where)
     try:
-        raw = json.loads(_read_exact(f, n, where).decode("utf-8"))
+        raw = json.loads(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _corrupt(where, f"header is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
@@ -294,53 +320,89 @@ def read_header(f: BinaryIO, where: str) -> Header:
         if end > data_len:
             raise _corrupt(where, f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
         tensors[name] = TensorEntry(dtype, shape, begin, end)
-    checksums: dict[str, int] = {}
-    if CRC_FIELD in metadata:
-        try:
-            checksums = {k: int(v, 16) for k, v in json.loads(metadata[CRC_FIELD]).items()}
-        except (AttributeError, TypeError, ValueError) as e:
-            raise _corrupt(where, f"bad {CRC_FIELD!r} in __metadata__ ({e})") from None
-    return Header(tensors, dict(metadata), 8 + n, checksums)
+    return Header(tensors, dict(metadata), 8 + n, where, prefix)
 
 
-def read_tensor(f: BinaryIO, header: Header, name: str, where: str, *, verify: bool = False) -> torch.Tensor:
-    """Read tensor ``name`` into newly allocated memory (one ``readinto``, no extra copy).
+def _map_tensor(f: BinaryIO, header: Header, entry: TensorEntry) -> torch.Tensor | None:
+    """Map the tensor's bytes copy-on-write (MAP_PRIVATE); ``None`` if ``f`` is not a real file.
 
-    With ``verify``, the bytes read are checked against the CRC-32 recorded at write time
-    (files without one, such as mi_crow 1.0's, are only checked for size).
-
-    Raises:
-        OSError: If the file is truncated, or with ``verify`` if the checksum differs.
+    The header was checked against the file's size before this is called, so the mapping
+    never extends past the end of the file. A private mapping keeps the file's pages even
+    when the file is later replaced by rename or deleted, and the caller's writes to the
+    tensor never reach the file.
     """
     try:
-        entry = header.tensors[name]
-    except KeyError:
-        raise _corrupt(where, f"no tensor named {name!r} (it has {sorted(header.tensors)})") from None
+        fd = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    start = header.data_start + entry.begin
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(fd, header.data_start + entry.end - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+    numel = math.prod(entry.shape)
+    return torch.frombuffer(mapped, dtype=entry.dtype, count=numel, offset=start - aligned).reshape(entry.shape)
+
+
+def _read_into_new(f: BinaryIO, entry: TensorEntry, start: int, name: str, where: str) -> torch.Tensor:
     out = torch.empty(entry.shape, dtype=entry.dtype)
     nbytes = entry.end - entry.begin
-    view = tensor_bytes(out)
     if nbytes:
-        f.seek(header.data_start + entry.begin)
+        view = tensor_bytes(out)
+        f.seek(start)
         done = 0
         while done < nbytes:
             got = f.readinto(view[done:])  # type: ignore[attr-defined]  # BinaryIO's stub lacks it
             if not got:
                 raise _corrupt(where, f"tensor {name!r} ends after {done} of {nbytes} bytes")
             done += got
-    if verify and name in header.checksums:
-        crc = zlib.crc32(view)
-        if crc != header.checksums[name]:
+    return out
+
+
+def read_tensor(
+    f: BinaryIO, header: Header, name: str, where: str, *, verify: bool = False, mmap_min: int | None = None
+) -> torch.Tensor:
+    """Read tensor ``name`` of the file ``f`` into a new CPU tensor.
+
+    Tensors of at least ``mmap_min`` bytes in a real file are memory-mapped copy-on-write
+    (pages are read when touched, nothing is copied); others are read with one ``readinto``
+    into newly allocated memory. Either way the result is independent of the file: writes to
+    it never reach the file, and a later overwrite or deletion of the file never changes it.
+
+    With ``verify``, the bytes are checked against the CRC-32 recorded at write time (files
+    without one, such as mi_crow 1.0's, are only checked for size).
+
+    Raises:
+        CorruptFileError: If the file is truncated, or with ``verify`` if the checksum differs.
+    """
+    try:
+        entry = header.tensors[name]
+    except KeyError:
+        raise _corrupt(where, f"no tensor named {name!r} (it has {sorted(header.tensors)})") from None
+    nbytes = entry.end - entry.begin
+    start = header.data_start + entry.begin
+    out = _map_tensor(f, header, entry) if mmap_min is not None and nbytes >= mmap_min else None
+    if out is None and nbytes and start + nbytes <= len(header.prefix):
+        # Already read with the header: one copy into memory the tensor owns.
+        owned = bytearray(memoryview(header.prefix)[start : start + nbytes])
+        out = torch.frombuffer(owned, dtype=entry.dtype).reshape(entry.shape)
+    if out is None:
+        out = _read_into_new(f, entry, start, name, where)
+    expected = header.checksum(name) if verify else None
+    if expected is not None:
+        crc = zlib.crc32(tensor_bytes(out))
+        if crc != expected:
             raise _corrupt(
                 where,
                 f"checksum mismatch: tensor {name!r} has CRC-32 {crc:08x}, "
-                f"{header.checksums[name]:08x} was recorded when it was written",
+                f"{expected:08x} was recorded when it was written",
             )
     return out
 
 
-def read_all(f: BinaryIO, where: str, *, verify: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_all(
+    f: BinaryIO, where: str, *, verify: bool = False, mmap_min: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor of a file and its ``__metadata__``; names sorted, as safetensors does."""
     header = read_header(f, where)
     in_file_order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
-    loaded = {name: read_tensor(f, header, name, where, verify=verify) for name in in_file_order}
+    loaded = {name: read_tensor(f, header, name, where, verify=verify, mmap_min=mmap_min) for name in in_file_order}
     return {name: loaded[name] for name in sorted(loaded)}, header.metadata

@@ -26,22 +26,33 @@ from mi_crow.store._tensor_file import Payload
 
 
 class _LocalDir:
-    """A directory held open by descriptor, so a concurrent swap cannot mix versions."""
+    """A directory held open by descriptor, so a concurrent swap cannot mix versions.
+
+    Subdirectories (a batch's layers) are opened once, relative to it, and kept until close.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._subdirs: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def open(self, rel: str) -> Iterator[BinaryIO]:
-        parts = rel.split("/")
-        dir_fd = self.fd
-        opened: list[int] = []
+    def _subdir(self, rel: str) -> int:
+        fd = self._subdirs.get(rel)
+        if fd is None:
+            parent, _, name = rel.rpartition("/")
+            fd = os.open(
+                name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=self._subdir(parent) if parent else self.fd,
+            )
+            self._subdirs[rel] = fd
+        return fd
+
+    def open(self, rel: str) -> BinaryIO:
+        parent, _, name = rel.rpartition("/")
         try:
-            for part in parts[:-1]:
-                dir_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                opened.append(dir_fd)
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            dir_fd = self._subdir(parent) if parent else self.fd
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise ValueError(
@@ -49,11 +60,7 @@ class _LocalDir:
                     "entries written by the store never contain links, so it is not followed"
                 ) from None
             raise
-        finally:
-            for d in opened:
-                os.close(d)
-        with open(fd, "rb", buffering=0, closefd=True) as f:
-            yield f
+        return open(fd, "rb", buffering=0, closefd=True)  # a context manager that closes it
 
     def moved(self) -> bool:
         try:
@@ -64,10 +71,13 @@ class _LocalDir:
         return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
 
     def close(self) -> None:
+        for fd in self._subdirs.values():
+            os.close(fd)
         os.close(self.fd)
 
 
 LOCK_NAME = ".mi-crow-store.lock"
+MMAP_MIN_BYTES = 1 << 20
 
 
 class _WriterLock:
@@ -161,6 +171,7 @@ class LocalStore(LayoutStore):
         *,
         durable: bool = False,
         verify: bool = False,
+        mmap: bool = True,
     ):
         """Initialize LocalStore.
 
@@ -172,9 +183,15 @@ class LocalStore(LayoutStore):
             durable: Also fsync files and directories, so committed data survives power
                 loss (slower); the default already survives process crashes.
             verify: Check every tensor read against its recorded CRC-32.
+            mmap: Return tensors of 1 MiB or more memory-mapped, copy-on-write: reading costs
+                no copy and touches only the pages used. Writes to such a tensor stay in the
+                process; a later overwrite of the entry (by rename) never changes it. Set
+                False to always read into process memory (e.g. on network file systems, where
+                another host truncating a file under a mapping would crash the reader).
         """
         super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify)
         self.durable = durable
+        self._mmap_min = MMAP_MIN_BYTES if mmap else None
         self._writers = _WriterLock(self.base_path)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -31,13 +31,12 @@ class _MemoryDir:
         self._files = files
         self._key = key
 
-    @contextlib.contextmanager
-    def open(self, rel: str) -> Iterator[BinaryIO]:
+    def open(self, rel: str) -> BinaryIO:
         try:
             data = self._files[rel]
         except KeyError:
             raise _missing(f"{self._key}/{rel}") from None
-        yield io.BytesIO(data)
+        return io.BytesIO(data)
 
     def moved(self) -> bool:
         return False  # a snapshot: it never changes under the reader

@@ -286,6 +286,25 @@ class StoreTests:
         a.fill_(1)
         assert torch.equal(store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k"), torch.zeros(4))
 
+    def test_large_tensors_are_independent_of_later_writes(self, store: Store) -> None:
+        """Large tensors (which some backends memory-map) behave like any other tensor."""
+        big = {"l": {"a": sample_tensor(torch.float32, (512, 1024)), "b": sample_tensor(torch.bfloat16, (1024, 1024))}}
+        store.put_detector_metadata("r", 0, {"v": 1}, big)
+        _, back = store.get_detector_metadata("r", 0)
+        assert_same_tm(back, big)
+        one = store.get_detector_metadata_by_layer_by_key("r", 0, "l", "a")
+        one.add_(1)  # writable, and private to the caller
+        assert_same(store.get_detector_metadata_by_layer_by_key("r", 0, "l", "a"), big["l"]["a"])
+        store.put_detector_metadata("r", 0, {"v": 2}, {"l": {"a": torch.zeros(512, 1024), "b": torch.zeros(1, 1)}})
+        assert_same(back["l"]["a"], big["l"]["a"])  # handed out before the overwrite: unchanged
+        assert torch.equal(one, big["l"]["a"] + 1)
+        store.delete_run("r")
+        assert_same(back["l"]["b"], big["l"]["b"])  # and still readable after the run is gone
+        store.put_run_batch("r", 0, [big["l"]["a"]])
+        store.put_model("m", {"w": big["l"]["b"]})
+        assert_same(store.get_run_batch("r", 0)[0], big["l"]["a"])  # type: ignore[index]
+        assert_same(store.get_model("m")[0]["w"], big["l"]["b"])
+
     @pytest.mark.parametrize("dtype", all_dtypes(), ids=str)
     def test_every_dtype_round_trips(self, store: Store, dtype: torch.dtype) -> None:
         shapes = [(), (0,), (3,), (2, 0, 3), (1, 2, 1, 3, 1, 2, 1)]
