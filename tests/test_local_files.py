@@ -341,3 +341,19 @@ def test_large_tensors_are_memory_mapped_copy_on_write(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="truncated"):
         path.write_bytes(before[:-4096])
         store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k")  # checked before mapping: no SIGBUS
+
+
+def test_writer_lock_follows_a_recreated_store(tmp_path: Path) -> None:
+    """A store folder deleted and made again: writers lock the new lock file, the one gc uses."""
+    import shutil
+
+    store = LocalStore(tmp_path / "s")
+    store.put_run_metadata("r", {})
+    shutil.rmtree(tmp_path / "s")
+    store.put_run_metadata("r", {"again": True})
+    lock = tmp_path / "s" / ".mi-crow-store.lock"
+    assert lock.is_file()
+    with store._writers.shared():
+        fd = store._writers._fd
+        assert os.fstat(fd).st_ino == lock.stat().st_ino
+    assert store.get_run_metadata("r") == {"again": True}

@@ -101,6 +101,9 @@ class _WriterLock:
             if self._pid != os.getpid():  # a forked child must not share (and release) our lock
                 self._fd, self._pid, self._count = -1, os.getpid(), 0
             if self._count == 0:
+                if self._fd >= 0 and not self._still_at_path():
+                    os.close(self._fd)  # the store was removed and made again: lock the new file
+                    self._fd = -1
                 if self._fd < 0:
                     os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
                     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -113,6 +116,14 @@ class _WriterLock:
                 self._count -= 1
                 if self._count == 0:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _still_at_path(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
