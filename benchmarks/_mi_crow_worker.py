@@ -85,6 +85,15 @@ def handle(cmd):
         peak_rss_reset()
         store.put_detector_metadata("peak", 0, {}, {"l": {"k": t}})
         return {"extra_bytes": (status_kib("VmHWM") - rss) * 1024, "tensor_bytes": t.numel() * t.element_size()}
+    if op == "dataloader":
+        from mi_crow.store.store_dataloader import StoreDataloader
+
+        t0 = time.perf_counter()
+        rows = 0
+        for b in StoreDataloader(store, cmd["run"], cmd["layer"], batch_size=cmd["batch_size"]):
+            b.sum().item()
+            rows += b.shape[0]
+        return {"seconds": time.perf_counter() - t0, "rows": rows}
     if op == "appends":
         t = make_tensor([cmd["numel"]], "float32")
         times, w0 = [], wchar()

@@ -15,6 +15,8 @@ MODULES = [
     "mi_crow.store._layout",
     "mi_crow.store.local_store",
     "mi_crow.store.memory_store",
+    "mi_crow.store.activation_dataset",
+    "mi_crow.store.store_dataloader",
 ]
 
 

@@ -8,9 +8,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from mi_crow.store._layout import LayoutStore, Problem
 from mi_crow.store._tensor_file import CorruptFileError
+from mi_crow.store.activation_dataset import ActivationDataset
 from mi_crow.store.local_store import GcReport, LocalStore
 from mi_crow.store.memory_store import MemoryStore
 from mi_crow.store.store import Store, TensorMetadata
+from mi_crow.store.store_dataloader import StoreDataloader
 
 try:
     __version__ = version("mi-crow-store")
@@ -18,6 +20,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "ActivationDataset",
     "CorruptFileError",
     "GcReport",
     "LayoutStore",
@@ -25,6 +28,7 @@ __all__ = [
     "MemoryStore",
     "Problem",
     "Store",
+    "StoreDataloader",
     "TensorMetadata",
     "__version__",
 ]

@@ -1,0 +1,112 @@
+"""``StoreDataloader``: mi_crow 1.0's loader of stored activations, in stored order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from mi_crow.store.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class StoreDataloader:
+    """Iterate one layer's activations of a run as ``[batch_size, D]`` mini-batches, in stored order.
+
+    A reusable DataLoader-like object: each ``iter()`` is a new epoch. Rows are flattened to
+    ``[N, D]`` (``[B, T, D] -> [B*T, D]``; a 1-d tensor becomes one row). Each stored batch
+    is read with ``get_detector_metadata_by_layer_by_key``; a batch without the per-batch
+    layout falls back to ``get_run_batch`` (its ``key`` entry, else ``"activations"``).
+    Mini-batches do not span stored batches, as in mi_crow 1.0.
+
+    Args:
+        store: The store to read.
+        run_id: The run to iterate over.
+        layer: Layer signature to load activations from.
+        key: Tensor key to load (default ``"activations"``).
+        batch_size: Rows per mini-batch.
+        dtype: Convert to this dtype, if given.
+        device: Move to this device, if given.
+        max_batches: Stop after this many mini-batches per epoch, if given.
+        logger_instance: Logger for debug messages (mi_crow 1.0's argument).
+
+    Example:
+        >>> import torch
+        >>> from mi_crow.store import MemoryStore, StoreDataloader
+        >>> store = MemoryStore()
+        >>> _ = store.put_detector_metadata("r", 0, {}, {"l": {"activations": torch.ones(2, 3, 4)}})
+        >>> [tuple(b.shape) for b in StoreDataloader(store, "r", "l", batch_size=4)]
+        [(4, 4), (2, 4)]
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        layer: str,
+        key: str = "activations",
+        batch_size: int = 32,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        max_batches: int | None = None,
+        logger_instance: Any = None,
+    ):
+        self.store = store
+        self.run_id = run_id
+        self.layer = layer
+        self.key = key
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.device = device
+        self.max_batches = max_batches
+        self.logger = logger_instance or logger
+
+    def _load(self, batch_index: int) -> torch.Tensor | None:
+        try:
+            return self.store.get_detector_metadata_by_layer_by_key(self.run_id, batch_index, self.layer, self.key)
+        except FileNotFoundError:
+            pass
+        try:
+            batch = self.store.get_run_batch(self.run_id, batch_index)
+        except FileNotFoundError:
+            return None
+        if isinstance(batch, dict):
+            if self.key in batch:
+                return batch[self.key]
+            if "activations" in batch:
+                return batch["activations"]
+        return None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """A new epoch over the run's batches, in stored order."""
+        yielded = 0
+        bs = max(1, int(self.batch_size))
+        for batch_index in self.store.list_run_batches(self.run_id):
+            if self.max_batches is not None and yielded >= self.max_batches:
+                return
+            acts = self._load(batch_index)
+            if acts is None:
+                self.logger.debug(
+                    "Skipping batch %s: tensor not found (run_id=%s, layer=%s, key=%s)",
+                    batch_index,
+                    self.run_id,
+                    self.layer,
+                    self.key,
+                )
+                continue
+            if acts.dim() > 2:
+                acts = acts.reshape(-1, acts.shape[-1])
+            elif acts.dim() == 1:
+                acts = acts.reshape(1, -1)
+            if self.dtype is not None:
+                acts = acts.to(self.dtype)
+            if self.device is not None:
+                acts = acts.to(self.device)
+            for start in range(0, acts.shape[0], bs):
+                if self.max_batches is not None and yielded >= self.max_batches:
+                    return
+                yield acts[start : start + bs]
+                yielded += 1
