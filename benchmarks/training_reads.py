@@ -64,6 +64,9 @@ def main() -> None:
                 "ActivationDataset sequential": lambda: consume(
                     ActivationDataset(store, "run", "layer", batch_size=BATCH)
                 ),
+                "ActivationDataset sequential, prefetch=0": lambda: consume(
+                    ActivationDataset(store, "run", "layer", batch_size=BATCH, prefetch=0)
+                ),
                 "ActivationDataset shuffled": lambda: consume(
                     ActivationDataset(store, "run", "layer", batch_size=BATCH, shuffle=True, seed=0)
                 ),
