@@ -174,3 +174,28 @@ def entry_order(root: str, log: str) -> None:
     store = LocalStore(root)
     order = [(m["writer"], m["i"]) for m, _ in store.iter_run_detector_metadata("shared")]
     log_line(log, json.dumps(order))
+
+
+# ---------------------------------------------------------------------- capture
+
+
+def capture_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    blocks = [torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0) for _ in range(3)]
+    return torch.nn.Sequential(*blocks).eval()
+
+
+def capture_input(i: int) -> torch.Tensor:
+    return torch.randn(4, 64, 16, generator=torch.Generator().manual_seed(1000 + i))
+
+
+def capturer(root: str, log: str, first: int) -> None:
+    """Capture batches first, first+1, ... until killed, logging each forward call made."""
+    from mi_crow.store import ActivationCapture
+
+    model = capture_model()
+    store = LocalStore(root)
+    with ActivationCapture(model, store, "cap", ["0", "2"], dtype=torch.bfloat16) as cap, torch.no_grad():
+        for i in range(cap.next_batch, cap.next_batch + 100_000):
+            model(capture_input(i))
+            log_line(log, str(i))

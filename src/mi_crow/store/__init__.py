@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from mi_crow.store._layout import LayoutStore, Problem
 from mi_crow.store._tensor_file import CorruptFileError
 from mi_crow.store.activation_dataset import ActivationDataset
+from mi_crow.store.capture import ActivationCapture
 from mi_crow.store.local_store import GcReport, LocalStore
 from mi_crow.store.memory_store import MemoryStore
 from mi_crow.store.store import Store, TensorMetadata
@@ -20,6 +21,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
+    "ActivationCapture",
     "ActivationDataset",
     "CorruptFileError",
     "GcReport",

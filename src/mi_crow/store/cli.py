@@ -132,6 +132,109 @@ def demo(store_dir: Path, batches: int) -> None:
     _print_table(describe(store, [run_id]))
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": None}
+
+
+@main.command()
+@click.option(
+    "--model", "model_name", required=True, help="Hugging Face model id or local path (loaded with AutoModel)."
+)
+@click.option("--layers", required=True, help="Comma-separated module names, e.g. encoder.layer.0,encoder.layer.5")
+@click.option(
+    "--texts",
+    "texts_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text file, one text per line (blank lines are skipped).",
+)
+@click.option("--run", "run_id", required=True, help="Run id; an existing run is continued where it stopped.")
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--dtype",
+    "dtype_name",
+    default="auto",
+    show_default=True,
+    type=click.Choice(sorted(_DTYPES)),
+    help="Store activations in this dtype (auto: the model's).",
+)
+@click.option("--device", default="cpu", show_default=True, help="Device to run the model on (cpu, cuda, cuda:1...).")
+@click.option("--overwrite", is_flag=True, help="Delete the run first instead of continuing it.")
+def capture(
+    model_name: str,
+    layers: str,
+    texts_file: Path,
+    run_id: str,
+    store_dir: Path,
+    batch_size: int,
+    max_length: int,
+    dtype_name: str,
+    device: str,
+    overwrite: bool,
+) -> None:
+    """Run a Hugging Face model over TEXTS and store the activations of LAYERS in a run."""
+    try:
+        from tqdm import tqdm
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:  # pragma: no cover - the capture extra is not installed
+        raise click.ClickException(f"{e}; install it with: pip install 'mi-crow-store[capture]'") from None
+    import time
+
+    from mi_crow.store.capture import ActivationCapture
+
+    texts = [line.strip() for line in texts_file.read_text("utf-8").splitlines() if line.strip()]
+    store = LocalStore(store_dir)
+    if overwrite:
+        store.delete_run(run_id)
+    previous = store.get_run_metadata(run_id).get("cli", {})
+    if previous and previous.get("batch_size") != batch_size:
+        raise click.ClickException(
+            f"run {run_id!r} was captured with --batch-size {previous.get('batch_size')}; continue it with the same "
+            "value, or pass --overwrite"
+        )
+    done_batches = len(store.list_run_batches(run_id))
+    todo = texts[done_batches * batch_size :]
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    model = AutoModel.from_pretrained(model_name).to(device).eval()
+    layer_names = [name.strip() for name in layers.split(",") if name.strip()]
+    settings = {"texts_file": str(texts_file), "texts": len(texts), "batch_size": batch_size, "max_length": max_length}
+    start = time.perf_counter()
+    try:
+        cap = ActivationCapture(
+            model, store, run_id, layer_names, dtype=_DTYPES[dtype_name], metadata={"cli": settings}
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if done_batches:
+        click.echo(f"continuing run {run_id!r} after {done_batches} batch(es); {len(todo)} text(s) left")
+    with cap, tqdm(total=len(todo), unit="text", desc=f"capture {run_id}", file=sys.stderr) as bar:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            cap.run(**{k: v.to(device) for k, v in enc.items()})
+            seconds = max(time.perf_counter() - start, 1e-9)
+            bar.update(len(chunk))
+            bar.set_postfix(tokens_s=f"{cap.tokens / seconds:,.0f}", MB_s=f"{cap.bytes / seconds / 1e6:,.1f}")
+    seconds = time.perf_counter() - start
+    click.echo(
+        f"captured run {run_id!r}: {cap.batches} batch(es), {cap.tokens} tokens, {len(layer_names)} layer(s), "
+        f"{_fmt_bytes(cap.bytes)} written this session in {seconds:.1f} s "
+        f"({cap.tokens / max(seconds, 1e-9):,.0f} tokens/s) into {store_dir}/\n"
+    )
+    _print_table(describe(store, [run_id]))
+    # Read the run back: every non-padding token of every layer, as a training loader sees them.
+    from mi_crow.store.activation_dataset import ActivationDataset
+
+    total = store.get_run_metadata(run_id)["capture"]["tokens"]
+    for layer in layer_names:
+        n = sum(b.shape[0] for b in ActivationDataset(store, run_id, layer, batch_size=4096, drop_padding=True))
+        status = "ok" if n == total else f"MISMATCH: the run's metadata counts {total}"
+        click.echo(f"read back {layer}: {n} token rows of {model.config.hidden_size}  {status}")
+        if n != total:
+            raise click.ClickException("the stored run does not hold every captured token")
+
+
 @main.command(name="ls")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--run", "runs", multiple=True, help="Only this run (repeatable).")
