@@ -17,6 +17,7 @@ MODULES = [
     "mi_crow.store.memory_store",
     "mi_crow.store.activation_dataset",
     "mi_crow.store.store_dataloader",
+    "mi_crow.store.capture",
 ]
 
 
@@ -33,6 +34,8 @@ def test_readme_python_blocks_run(index: int, tmp_path: Path, monkeypatch: pytes
     out = capsys.readouterr().out
     if 'print([m["step"]' in code:
         assert "[0, 1, 2]" in out and "['gpt2-wiki'] ['sae-h3']" in out and "list 2" in out
+    if "ActivationCapture(model" in code:
+        assert out.strip() == "[0, 1, 2] 384"
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -16,6 +16,7 @@ import datetime
 import difflib
 import queue
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -181,6 +182,7 @@ class ActivationCapture:
         }
         self.store.put_run_metadata(self.run_id, self._run_meta)
         self._error, self._error_raised = None, False
+        self._meta_written = time.monotonic()
         self._thread = threading.Thread(target=self._write_loop, name="mi-crow-store-capture", daemon=True)
         self._thread.start()
         self._handles.append(self.model.register_forward_pre_hook(self._begin))
@@ -208,6 +210,8 @@ class ActivationCapture:
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
+            if self._error is None:
+                self.store.put_run_metadata(self.run_id, self._run_meta)
         if not self._error_raised:
             self._raise_writer_error()
 
@@ -331,7 +335,11 @@ class ActivationCapture:
                 self.bytes += sum(t.numel() * t.element_size() for keys in tensors.values() for t in keys.values())
                 capture = self._run_meta["capture"]
                 capture.update(batches=self.batches, tokens=self.tokens, last_batch=index, updated=_now())
-                self.store.put_run_metadata(self.run_id, self._run_meta)
+                # The run's counts are rewritten at most once a second and at close; after a crash
+                # the batches past ``last_batch`` are counted from their own metadata on resume.
+                if time.monotonic() - self._meta_written >= 1.0:
+                    self.store.put_run_metadata(self.run_id, self._run_meta)
+                    self._meta_written = time.monotonic()
                 if events:
                     self._give_back_pinned(tensors)
             except BaseException as e:  # raised in the caller at its next call, or at exit
