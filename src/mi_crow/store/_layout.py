@@ -347,10 +347,14 @@ class LayoutStore(Store):
                 )
             names = self._read_names_field(metadata.pop(TENSOR_NAMES_FIELD), where)
             out: TensorMetadata = {}
+            batch_where = self._where(key)
             for layer, keys in names.items():
+                if not keys:
+                    continue
+                tensors = out[layer] = {}
                 for tkey in keys:
                     rel = f"{layer}/{tkey}.safetensors"
-                    out.setdefault(layer, {})[tkey] = self._read_listed(d, rel, self._where(f"{key}/{rel}"))
+                    tensors[tkey] = self._read_listed(d, rel, f"{batch_where}/{rel}")
             return metadata, out
 
         not_found: tuple[Dict[str, Any], TensorMetadata] = ({}, {})

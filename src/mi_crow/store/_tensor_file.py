@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
@@ -210,8 +210,7 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return Payload(None, data, head_size=size, finish=lambda: header(pending.result()))
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     dtype: torch.dtype
     shape: tuple[int, ...]
     begin: int
@@ -300,7 +299,7 @@ def read_header(f: BinaryIO, where: str) -> Header:
         raise _corrupt(where, "header is not a JSON object")
     data_len = size - 8 - n
     metadata = raw.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    if type(metadata) is not dict or any(type(v) is not str for v in metadata.values()):
         raise _corrupt(where, "__metadata__ is not a map of strings")
     tensors: dict[str, TensorEntry] = {}
     for name, info in raw.items():
@@ -308,9 +307,10 @@ def read_header(f: BinaryIO, where: str) -> Header:
             dtype = CODE_TO_DTYPE[info["dtype"]]
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
+            # Exact type checks (JSON gives int, never bool): a shape of ints >= 0 only.
+            if shape and (min(shape) < 0 or any(type(d) is not int for d in shape)):
                 raise ValueError("negative or non-integer dimension")
-            if not (isinstance(begin, int) and isinstance(end, int)):
+            if type(begin) is not int or type(end) is not int:
                 raise ValueError("non-integer data offsets")
         except (KeyError, TypeError, ValueError) as e:
             raise _corrupt(where, f"bad header entry for tensor {name!r}: {info!r} ({e})") from None
@@ -320,7 +320,7 @@ def read_header(f: BinaryIO, where: str) -> Header:
         if end > data_len:
             raise _corrupt(where, f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
         tensors[name] = TensorEntry(dtype, shape, begin, end)
-    return Header(tensors, dict(metadata), 8 + n, where, prefix)
+    return Header(tensors, metadata, 8 + n, where, prefix)
 
 
 def _map_tensor(f: BinaryIO, header: Header, entry: TensorEntry) -> torch.Tensor | None:
