@@ -16,17 +16,9 @@ import resource
 import shutil
 import time
 
-from _common import make_tensor, parse_args, print_header, print_table, raw_bytes, reference, work_dir
+from _common import make_tensor, parse_args, print_header, print_table, proc_io, raw_bytes, reference, work_dir
 
 from mi_crow.store import LocalStore
-
-
-def wchar() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("wchar:"):
-                return int(line.split()[1])
-    raise KeyError("wchar")
 
 
 def mean(xs: list[float]) -> float:
@@ -52,11 +44,11 @@ def main() -> None:
                 with open(root / "plain" / str(i), "wb") as f:
                     f.write(raw_bytes(t))
                 plain_times.append(time.perf_counter() - t0)
-                w0 = wchar()
+                w0 = proc_io("wchar")
                 t0 = time.perf_counter()
                 store.put_run_detector_metadata("run", {"i": i}, {"sae": {"acts": t}})
                 times.append(time.perf_counter() - t0)
-                written += wchar() - w0
+                written += proc_io("wchar") - w0
             first, last = mean(times[:100]), mean(times[-100:])
             pfirst, plast = mean(plain_times[:100]), mean(plain_times[-100:])
             rows.append(["plain write", n, f"{pfirst * 1e3:.2f} ms", f"{plast * 1e3:.2f} ms", plast / pfirst, "", 1.0])

@@ -13,17 +13,9 @@ import mmap
 import time
 
 import torch
-from _common import make_tensor, median, parse_args, print_header, print_table, raw_bytes, reference, work_dir
+from _common import make_tensor, median, parse_args, print_header, print_table, proc_io, raw_bytes, reference, work_dir
 
 from mi_crow.store import LocalStore
-
-
-def rchar() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    raise KeyError("rchar")
 
 
 def main() -> None:
@@ -94,11 +86,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ours(unmapped)
                 times["ours mmap=False"].append(time.perf_counter() - t0)
-                r0 = rchar()
+                r0 = proc_io("rchar")
                 t0 = time.perf_counter()
                 ours()
                 times["ours"].append(time.perf_counter() - t0)
-                read_bytes = rchar() - r0
+                read_bytes = proc_io("rchar") - r0
                 t0 = time.perf_counter()
                 ours(verify)
                 times["ours verify=True"].append(time.perf_counter() - t0)

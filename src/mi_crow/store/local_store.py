@@ -25,6 +25,16 @@ from mi_crow.store._layout import LayoutStore
 from mi_crow.store._tensor_file import Payload
 
 
+def _is_at(path: str, fd: int) -> bool:
+    """Whether ``path`` still names the file or directory open as ``fd`` (not replaced or removed)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
 class _LocalDir:
     """A directory held open by descriptor, so a concurrent swap cannot mix versions.
 
@@ -63,12 +73,7 @@ class _LocalDir:
         return open(fd, "rb", buffering=0, closefd=True)  # a context manager that closes it
 
     def moved(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return True
-        mine = os.fstat(self.fd)
-        return (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino)
+        return not _is_at(self.path, self.fd)
 
     def close(self) -> None:
         for fd in self._subdirs.values():
@@ -101,7 +106,7 @@ class _WriterLock:
             if self._pid != os.getpid():  # a forked child must not share (and release) our lock
                 self._fd, self._pid, self._count = -1, os.getpid(), 0
             if self._count == 0:
-                if self._fd >= 0 and not self._still_at_path():
+                if self._fd >= 0 and not _is_at(self.path, self._fd):
                     os.close(self._fd)  # the store was removed and made again: lock the new file
                     self._fd = -1
                 if self._fd < 0:
@@ -116,14 +121,6 @@ class _WriterLock:
                 self._count -= 1
                 if self._count == 0:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def _still_at_path(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        mine = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
