@@ -243,3 +243,24 @@ def test_early_stop_and_bad_arguments(store: Store) -> None:
             ActivationDataset(store, "r", "L", **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="run_id"):
         ActivationDataset(store, ["../x"], "L")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_recycled_batches_never_change_under_the_consumer(tmp_path: Path, workers: int) -> None:
+    """Shuffled batches reuse freed memory: dropping each batch at once or keeping them all
+    must give the same rows, and kept batches must not change afterwards."""
+    store = LocalStore(tmp_path)
+    end = make_run(store, "r", [(4, 16)] * 12)
+
+    def loader() -> DataLoader[torch.Tensor]:
+        ds = ActivationDataset(store, "r", "L", batch_size=16, shuffle=True, seed=2, shuffle_buffer_bytes=4096)
+        return DataLoader(ds, batch_size=None, num_workers=workers)
+
+    streamed = [int(x) for b in loader() for x in b[:, 0].tolist()]  # each batch dropped after use
+    kept = list(loader())
+    snapshot = [b.clone() for b in kept]
+    assert sorted(streamed) == list(range(end))
+    assert ids(kept) == streamed
+    for _ in loader():  # more batches produced while the kept ones are still alive
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(kept, snapshot, strict=True))

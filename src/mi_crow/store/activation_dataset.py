@@ -45,6 +45,41 @@ def _generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(_seed(*parts))
 
 
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _BufferPool:
+    """Output batches, reused once nothing outside the pool refers to their memory.
+
+    A fresh 32 MiB tensor is mapped and zero-filled page by page on first touch, which costs
+    more than the gather that fills it; recycling spares that. A buffer is taken again only
+    when its storage's use count is back to what the pool alone holds, so a batch (or any
+    view of it) the consumer still keeps is never overwritten, and only if its storage was
+    never moved to shared memory. Without the (private) use-count API nothing is recycled.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.buffers: list[tuple[torch.Tensor, int]] = []
+
+    @staticmethod
+    def _count(t: torch.Tensor) -> int:
+        return int(_use_count(t.untyped_storage()._cdata))  # type: ignore[misc]
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # A buffer sent to another process (DataLoader workers move a batch's storage into shared
+        # memory in place, and the receiver maps that same memory) is never written again.
+        self.buffers = [(buf, idle) for buf, idle in self.buffers if not buf.is_shared()]
+        if _use_count is not None:
+            for buf, idle in self.buffers:
+                if buf.shape == shape and buf.dtype == dtype and self._count(buf) == idle:
+                    return buf
+        out = torch.empty(shape, dtype=dtype)
+        if _use_count is not None and len(self.buffers) < self.size:
+            self.buffers.append((out, self._count(out)))
+        return out
+
+
 def _touch(rows: torch.Tensor) -> None:
     """Fault in the pages of a (possibly memory-mapped) tensor: read one element per 4 KiB."""
     if rows.numel() and rows.is_contiguous():
@@ -253,6 +288,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             return
         window: list[torch.Tensor] = []
         size = number = 0
+        pool = _BufferPool(self.prefetch + 3)
         for position, (run, index) in enumerate(chunks):
             rows = self._checked(self._load_rows(run, index), first, run, index)
             first = rows if first is None else first
@@ -266,11 +302,13 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 skip -= n
             else:
                 order = torch.randperm(n, generator=_generator(self.seed, epoch, shard, shards, number))
-                yield from self._gather(window, order, skip)
+                yield from self._gather(window, order, skip, pool)
                 skip = 0
             window, size = [], 0
 
-    def _gather(self, window: list[torch.Tensor], order: torch.Tensor, skip: int) -> Iterator[torch.Tensor]:
+    def _gather(
+        self, window: list[torch.Tensor], order: torch.Tensor, skip: int, pool: _BufferPool
+    ) -> Iterator[torch.Tensor]:
         """Rows ``order`` of the window's concatenation, ``batch_size`` at a time, less the first ``skip``.
 
         Each batch holds the rows ``order[i:i + batch_size]``, grouped by the stored batch they
@@ -287,7 +325,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             by_chunk = torch.argsort(which, stable=True)
             wanted, which = wanted[by_chunk], which[by_chunk]
             counts = torch.bincount(which, minlength=len(window)).tolist()
-            out = torch.empty((wanted.shape[0], *window[0].shape[1:]), dtype=dtype)
+            out = pool.take((wanted.shape[0], *window[0].shape[1:]), dtype)
             at = 0
             for c, count in enumerate(counts):
                 if count:
@@ -297,7 +335,9 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                     else:
                         out[at : at + count] = window[c].index_select(0, local)
                     at += count
-            yield out[skip - i :] if skip > i else out
+            # Always a view: it holds the storage, so the pool cannot reuse the buffer while the
+            # batch is queued or held by the consumer (the pool itself holds ``out``).
+            yield out[max(skip - i, 0) :]
 
     def _prefetched(self, blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Run ``blocks`` on a daemon thread, ``prefetch`` blocks ahead; re-raise its errors here."""
