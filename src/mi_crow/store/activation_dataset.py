@@ -69,7 +69,7 @@ class _BufferPool:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # A buffer sent to another process (DataLoader workers move a batch's storage into shared
         # memory in place, and the receiver maps that same memory) is never written again.
-        self.buffers = [(buf, idle) for buf, idle in self.buffers if not buf.is_shared()]
+        self.buffers = [(buf, idle) for buf, idle in self.buffers if not buf.is_shared()]  # type: ignore[no-untyped-call]
         if _use_count is not None:
             for buf, idle in self.buffers:
                 if buf.shape == shape and buf.dtype == dtype and self._count(buf) == idle:
