@@ -53,6 +53,13 @@ class DirReader(Protocol):
         """Open the file ``rel`` (``/``-separated, relative to the directory); close it after use."""
         ...
 
+    def read_head(self, rel: str, n: int) -> tuple[bytes, BinaryIO | None]:
+        """The first ``n`` bytes of ``rel``, and the file still open if it may hold more.
+
+        ``None`` in place of the file means the bytes are the whole file. The caller closes it.
+        """
+        ...
+
     def moved(self) -> bool:
         """Whether the directory was replaced or removed since it was opened."""
         ...
@@ -170,7 +177,7 @@ class LayoutStore(Store):
         with self._open(key) as f:
             return f.read()
 
-    def _tensor(self, f: BinaryIO, header: tf.Header, name: str, where: str) -> torch.Tensor:
+    def _tensor(self, f: BinaryIO | None, header: tf.Header, name: str, where: str) -> torch.Tensor:
         """Read one tensor the way this store reads (checksums, memory mapping)."""
         return tf.read_tensor(f, header, name, where, verify=self.verify_reads, mmap_min=self._mmap_min)
 
@@ -363,9 +370,12 @@ class LayoutStore(Store):
     def _read_listed(self, d: DirReader, rel: str, where: str) -> torch.Tensor:
         """Read the one-tensor file ``rel`` that a batch's metadata.json lists."""
         try:
-            with d.open(rel) as f:
-                header = tf.read_header(f, where)
-                return self._tensor(f, header, TENSOR_NAME, where)
+            prefix, rest = d.read_head(rel, tf.PREFETCH)
+            try:
+                return self._tensor(rest, tf.parse_header(prefix, rest, where), TENSOR_NAME, where)
+            finally:
+                if rest is not None:
+                    rest.close()
         except FileNotFoundError:
             raise FileNotFoundError(f"tensor file {where} is listed in its batch's metadata.json but missing") from None
 

@@ -217,7 +217,7 @@ class TensorEntry(NamedTuple):
     end: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Header:
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
@@ -239,7 +239,7 @@ class Header:
 
 
 # The first read of a file asks for this much: the header, and all the data of a small file.
-_PREFETCH = 64 * 1024
+PREFETCH = 64 * 1024
 
 
 class CorruptFileError(OSError):
@@ -275,12 +275,20 @@ def read_header(f: BinaryIO, where: str) -> Header:
     file's size, so a truncated file raises here instead of failing later.
 
     Raises:
-        OSError: If the file is truncated or its header is not valid safetensors.
+        CorruptFileError: If the file is truncated or its header is not valid safetensors.
     """
     f.seek(0)
-    prefix = f.read(_PREFETCH) or b""
-    # A short first read reached the end of the file: its size is known without asking.
-    size = len(prefix) if len(prefix) < _PREFETCH else f.seek(0, 2)
+    prefix = f.read(PREFETCH) or b""
+    return parse_header(prefix, f if len(prefix) == PREFETCH else None, where)
+
+
+def parse_header(prefix: bytes, rest: BinaryIO | None, where: str) -> Header:
+    """:func:`read_header` given the file's first ``PREFETCH`` bytes.
+
+    ``rest`` is the open file when it may be longer than ``prefix``; ``None`` when ``prefix``
+    is the whole file (a short first read reached its end, so its size is known).
+    """
+    size = len(prefix) if rest is None else rest.seek(0, 2)
     if size < 8:
         raise _corrupt(where, f"file is {size} bytes, shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", prefix[:8])
@@ -289,8 +297,9 @@ def read_header(f: BinaryIO, where: str) -> Header:
     if 8 + n <= len(prefix):
         header_bytes = prefix[8 : 8 + n]
     else:
-        f.seek(8)
-        header_bytes = _read_exact(f, n, where)
+        assert rest is not None  # the header lies within the file, which is longer than prefix
+        rest.seek(8)
+        header_bytes = _read_exact(rest, n, where)
     try:
         raw = json.loads(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -342,10 +351,10 @@ def _map_tensor(f: BinaryIO, header: Header, entry: TensorEntry) -> torch.Tensor
     return torch.frombuffer(mapped, dtype=entry.dtype, count=numel, offset=start - aligned).reshape(entry.shape)
 
 
-def _read_into_new(f: BinaryIO, entry: TensorEntry, start: int, name: str, where: str) -> torch.Tensor:
+def _read_into_new(f: BinaryIO | None, entry: TensorEntry, start: int, name: str, where: str) -> torch.Tensor:
     out = torch.empty(entry.shape, dtype=entry.dtype)
     nbytes = entry.end - entry.begin
-    if nbytes:
+    if nbytes and f is not None:
         view = tensor_bytes(out)
         f.seek(start)
         done = 0
@@ -358,7 +367,7 @@ def _read_into_new(f: BinaryIO, entry: TensorEntry, start: int, name: str, where
 
 
 def read_tensor(
-    f: BinaryIO, header: Header, name: str, where: str, *, verify: bool = False, mmap_min: int | None = None
+    f: BinaryIO | None, header: Header, name: str, where: str, *, verify: bool = False, mmap_min: int | None = None
 ) -> torch.Tensor:
     """Read tensor ``name`` of the file ``f`` into a new CPU tensor.
 
@@ -379,12 +388,16 @@ def read_tensor(
         raise _corrupt(where, f"no tensor named {name!r} (it has {sorted(header.tensors)})") from None
     nbytes = entry.end - entry.begin
     start = header.data_start + entry.begin
-    out = _map_tensor(f, header, entry) if mmap_min is not None and nbytes >= mmap_min else None
+    out = _map_tensor(f, header, entry) if f is not None and mmap_min is not None and nbytes >= mmap_min else None
     if out is None and nbytes and start + nbytes <= len(header.prefix):
         # Already read with the header: one copy into memory the tensor owns.
         owned = bytearray(memoryview(header.prefix)[start : start + nbytes])
-        out = torch.frombuffer(owned, dtype=entry.dtype).reshape(entry.shape)
+        out = torch.frombuffer(owned, dtype=entry.dtype)
+        if len(entry.shape) != 1:
+            out = out.reshape(entry.shape)
     if out is None:
+        if f is None and nbytes:  # pragma: no cover - parse_header checked the data lies in prefix
+            raise _corrupt(where, f"tensor {name!r} lies beyond the bytes read")
         out = _read_into_new(f, entry, start, name, where)
     expected = header.checksum(name) if verify else None
     if expected is not None:

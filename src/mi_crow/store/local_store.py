@@ -59,10 +59,25 @@ class _LocalDir:
         return fd
 
     def open(self, rel: str) -> BinaryIO:
+        return open(self._open_fd(rel), "rb", buffering=0, closefd=True)  # a context manager that closes it
+
+    def read_head(self, rel: str, n: int) -> tuple[bytes, BinaryIO | None]:
+        fd = self._open_fd(rel)
+        try:
+            head = os.read(fd, n)
+        except BaseException:
+            os.close(fd)
+            raise
+        if len(head) < n:  # the whole file
+            os.close(fd)
+            return head, None
+        return head, open(fd, "rb", buffering=0, closefd=True)
+
+    def _open_fd(self, rel: str) -> int:
         parent, _, name = rel.rpartition("/")
         try:
             dir_fd = self._subdir(parent) if parent else self.fd
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise ValueError(
@@ -70,7 +85,6 @@ class _LocalDir:
                     "entries written by the store never contain links, so it is not followed"
                 ) from None
             raise
-        return open(fd, "rb", buffering=0, closefd=True)  # a context manager that closes it
 
     def moved(self) -> bool:
         return not _is_at(self.path, self.fd)

@@ -38,6 +38,11 @@ class _MemoryDir:
             raise _missing(f"{self._key}/{rel}") from None
         return io.BytesIO(data)
 
+    def read_head(self, rel: str, n: int) -> tuple[bytes, BinaryIO | None]:
+        with self.open(rel) as f:
+            data = f.getvalue()  # type: ignore[attr-defined]
+        return (data[:n], io.BytesIO(data)) if len(data) >= n else (data, None)
+
     def moved(self) -> bool:
         return False  # a snapshot: it never changes under the reader
 
