@@ -264,3 +264,21 @@ def test_recycled_batches_never_change_under_the_consumer(tmp_path: Path, worker
     for _ in loader():  # more batches produced while the kept ones are still alive
         pass
     assert all(torch.equal(a, b) for a, b in zip(kept, snapshot, strict=True))
+
+
+def test_stores_and_datasets_travel_to_spawned_workers(tmp_path: Path) -> None:
+    """DataLoader workers started with 'spawn' receive the dataset (and its store) pickled."""
+    import pickle
+
+    store = LocalStore(tmp_path, verify=True)
+    make_run(store, "r", SIZES)
+    with store._writers.shared():  # a lock held right now must not travel or break the copy
+        copy = pickle.loads(pickle.dumps(store))
+    copy.put_run_metadata("r", {"from": "copy"})
+    assert store.get_run_metadata("r") == {"from": "copy"} and copy.verify_reads
+    memory = MemoryStore()
+    make_run(memory, "m", SIZES[:2])
+    assert pickle.loads(pickle.dumps(memory)).list_run_batches("m") == [0, 1]
+    ds = ActivationDataset(store, "r", "L", batch_size=8, shuffle=True, seed=4)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    assert sorted(ids(list(loader))) == list(range(53))
