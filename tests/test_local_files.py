@@ -357,3 +357,30 @@ def test_writer_lock_follows_a_recreated_store(tmp_path: Path) -> None:
         fd = store._writers._fd
         assert os.fstat(fd).st_ino == lock.stat().st_ino
     assert store.get_run_metadata("r") == {"again": True}
+
+
+def test_overwrite_without_rename_exchange(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback for file systems without RENAME_EXCHANGE: correct, and on failure the old
+    version is put back instead of being left as trash."""
+    monkeypatch.setattr(atomic, "_renameat2_works", False)
+    store.put_detector_metadata("r", 0, {"v": 1}, {"l": {"k": torch.ones(2)}})
+    store.put_detector_metadata("r", 0, {"v": 2}, {"l": {"k": torch.zeros(2)}})
+    assert store.get_detector_metadata("r", 0)[0] == {"v": 2}
+    real_rename = os.rename
+    stage_renames = []
+
+    def failing(src: str, dst: str) -> None:
+        if os.path.basename(src).startswith(".stage-"):
+            stage_renames.append(src)
+            if len(stage_renames) == 2:  # the first fails by itself (ENOTEMPTY); then the old is moved aside
+                raise OSError(5, "Input/output error (simulated)")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="simulated"):
+        store.put_detector_metadata("r", 0, {"v": 3}, {"l": {"k": torch.full((2,), 3.0)}})
+    monkeypatch.undo()
+    meta, tensors = store.get_detector_metadata("r", 0)
+    assert meta == {"v": 2} and torch.equal(tensors["l"]["k"], torch.zeros(2))
+    assert [p.name for p in (store.base_path / "runs" / "r").iterdir()] == ["batch_0"]
+    assert len(stage_renames) == 2

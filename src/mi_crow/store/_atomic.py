@@ -134,5 +134,10 @@ def replace_dir(src: str, dst: str) -> str | None:
         return src
     aside = os.path.join(os.path.dirname(dst), unique_name(TRASH_PREFIX))
     os.rename(dst, aside)
-    os.rename(src, dst)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rename(aside, dst)  # put the committed version back rather than leave it as trash
+        raise
     return aside

@@ -15,8 +15,6 @@ from typing import Any, Dict, List
 
 import torch
 
-from mi_crow.store._names import check_batch_index
-
 TensorMetadata = Dict[str, Dict[str, torch.Tensor]]
 """``{layer_signature: {tensor_key: tensor}}``, the tensors of one batch or one append."""
 
@@ -143,8 +141,8 @@ class Store(abc.ABC):
             raise ValueError(f"start must be an int, got {type(start).__name__} {start!r}")
         if start < 0:
             raise ValueError("start must be >= 0")
-        if stop is not None:
-            check_batch_index(stop, "stop")
+        if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int)):
+            raise ValueError(f"stop must be an int or None, got {type(stop).__name__} {stop!r}")
         return self._iter_range(run_id, start, stop, step)
 
     def _iter_range(self, run_id: str, start: int, stop: int | None, step: int) -> Iterator[RunBatch]:

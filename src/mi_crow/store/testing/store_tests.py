@@ -399,6 +399,9 @@ class StoreTests:
         assert got(start=2) == [2, 4, 5]
         assert got(start=1, stop=5, step=2) == [1]
         assert got(start=5, stop=0, step=-2) == [5, 1]
+        assert got(start=2, stop=-1, step=-1) == [2, 1, 0]  # as range() and mi_crow 1.0 do
+        with pytest.raises(ValueError, match="stop must be an int"):
+            store.iter_run_batch_range("r", stop=2.0)  # type: ignore[arg-type]
         assert got(stop=100) == [0, 1, 2, 4, 5]
         assert [*store.iter_run_batch_range("empty")] == []
         with pytest.raises(ValueError, match="step must not be 0"):
