@@ -384,3 +384,20 @@ def test_overwrite_without_rename_exchange(store: LocalStore, monkeypatch: pytes
     assert meta == {"v": 2} and torch.equal(tensors["l"]["k"], torch.zeros(2))
     assert [p.name for p in (store.base_path / "runs" / "r").iterdir()] == ["batch_0"]
     assert len(stage_renames) == 2
+
+
+def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.pwritev
+
+    def at_most_3_bytes(fd: int, buffers: list[memoryview], offset: int) -> int:
+        first = next(b for b in buffers if len(b))
+        return real(fd, [first[:3]], offset)
+
+    monkeypatch.setattr(os, "pwritev", at_most_3_bytes)
+    parts = [b"abcde", b"", bytearray(b"fghij"), memoryview(b"klmnopq"), torch.arange(4, dtype=torch.int8).numpy().data]
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert atomic.write_all(fd, parts, offset=2) == 21
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"\0\0abcdefghijklmnopq\x00\x01\x02\x03"

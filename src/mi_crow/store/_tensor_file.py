@@ -155,6 +155,10 @@ class Payload:
             self._head = head
         return self._head
 
+    def head_ready(self) -> bool:
+        """Whether the head is known without waiting."""
+        return self._head is not None
+
     def buffers(self) -> list[Buffer]:
         """Head and data, for a backend that writes everything at once."""
         return [self.head(), *self.data]
