@@ -10,10 +10,20 @@ pulled from the file system (``rchar`` of /proc/self/io): only that tensor's fil
 from __future__ import annotations
 
 import mmap
-import time
 
 import torch
-from _common import make_tensor, median, parse_args, print_header, print_table, proc_io, raw_bytes, reference, work_dir
+from _common import (
+    make_tensor,
+    median,
+    parse_args,
+    print_header,
+    print_table,
+    proc_io,
+    raw_bytes,
+    reference,
+    timed,
+    work_dir,
+)
 
 from mi_crow.store import LocalStore
 
@@ -74,26 +84,14 @@ def main() -> None:
             unmapped = LocalStore(root / "ours", mmap=False)
             read_bytes = 0
             for _rep in range(reps):
-                t0 = time.perf_counter()
-                plain()
-                times["readinto (new buffer)"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                plain(reused)
-                times["readinto (reused buffer)"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                plain_mmap()
-                times["mmap"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                ours(unmapped)
-                times["ours mmap=False"].append(time.perf_counter() - t0)
+                times["readinto (new buffer)"].append(timed(plain))
+                times["readinto (reused buffer)"].append(timed(lambda: plain(reused)))
+                times["mmap"].append(timed(plain_mmap))
+                times["ours mmap=False"].append(timed(lambda: ours(unmapped)))
                 r0 = proc_io("rchar")
-                t0 = time.perf_counter()
-                ours()
-                times["ours"].append(time.perf_counter() - t0)
+                times["ours"].append(timed(ours))
                 read_bytes = proc_io("rchar") - r0
-                t0 = time.perf_counter()
-                ours(verify)
-                times["ours verify=True"].append(time.perf_counter() - t0)
+                times["ours verify=True"].append(timed(lambda: ours(verify)))
                 if ref is not None:
                     times["mi_crow"].append(
                         ref.call(op="read_one", root=str(root / "ref"), run="run", batch=0, layer="layer3", key="key1")[
