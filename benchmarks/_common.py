@@ -146,13 +146,22 @@ class Reference:
         self.proc.wait(30)
 
 
-def reference(args: argparse.Namespace) -> Reference | None:
+@contextmanager
+def reference(args: argparse.Namespace) -> Iterator[Reference | None]:
+    """The mi_crow 1.0 worker for the benchmark's rounds (None when it is off or not installable);
+    stopped when the block ends."""
     if args.no_reference:
-        return None
+        yield None
+        return
     if not ensure_reference():
         print("note: mi_crow 1.0 could not be installed; reference columns are left out")
-        return None
-    return Reference()
+        yield None
+        return
+    ref = Reference()
+    try:
+        yield ref
+    finally:
+        ref.close()
 
 
 def make_tensor(shape: Sequence[int], dtype: str, seed: int = 0) -> torch.Tensor:

@@ -30,11 +30,10 @@ def main() -> None:
     n = 1000 if args.quick else 10_000
     n_ref = 120 if args.quick else 200
     print_header("Run-level appends")
-    ref = reference(args)
     t = make_tensor([256 * 1024], "float32")  # 1 MiB
     data = t.numel() * 4
     rows = []
-    try:
+    with reference(args) as ref:
         with work_dir(args.dir) as root:
             store = LocalStore(root / "ours")
             (root / "plain").mkdir()
@@ -105,9 +104,6 @@ def main() -> None:
             f"({count * data / read_s / 1e9:.2f} GB/s); peak RSS grew by {grew / 2**20:.1f} MiB "
             f"(one entry is {data / 2**20:.0f} MiB)"
         )
-    finally:
-        if ref is not None:
-            ref.close()
 
 
 if __name__ == "__main__":

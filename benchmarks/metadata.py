@@ -29,9 +29,8 @@ def main() -> None:
     n_runs = 2_000 if args.quick else 10_000
     reps = 5 if args.quick else 11
     print_header("Metadata at scale")
-    ref = reference(args)
     rows = []
-    try:
+    with reference(args) as ref:
         with work_dir(args.dir) as root:
             store = LocalStore(root)
             run_dir = root / "runs" / "big"
@@ -114,9 +113,6 @@ def main() -> None:
                     ["  mi_crow 1.0, same batch", "", f"{median(t_ref) * 1e3:.1f} ms", median(t_ref) / median(t_raw)]
                 )
         print_table(["operation", "raw baseline", "store", "store / raw (lower is better)"], rows)
-    finally:
-        if ref is not None:
-            ref.close()
 
 
 if __name__ == "__main__":

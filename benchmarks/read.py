@@ -32,12 +32,11 @@ def main() -> None:
     args = parse_args(__doc__)
     reps = 7 if args.quick else 21
     print_header("Read throughput")
-    ref = reference(args)
     shape = [32, 128, 2048]
     tm = {f"layer{i}": {f"key{k}": make_tensor(shape, "float32", i * 100 + k) for k in range(2)} for i in range(8)}
     target = tm["layer3"]["key1"]
     nbytes = target.numel() * 4
-    try:
+    with reference(args) as ref:
         with work_dir(args.dir) as root:
             store = LocalStore(root / "ours")
             store.put_detector_metadata("run", 0, {}, tm)
@@ -110,9 +109,6 @@ def main() -> None:
             f"\nread() calls by ours pulled {read_bytes} bytes (the header's 64 KiB read; the data is mapped) for a "
             f"{nbytes}-byte tensor in a {8 * 2 * nbytes}-byte batch: other tensors' files are never opened"
         )
-    finally:
-        if ref is not None:
-            ref.close()
 
 
 if __name__ == "__main__":

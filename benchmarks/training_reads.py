@@ -36,8 +36,7 @@ def main() -> None:
     n = 8 if args.quick else 64
     reps = 3 if args.quick else 5
     print_header("Training-side reads")
-    ref = reference(args)
-    try:
+    with reference(args) as ref:
         with work_dir(args.dir) as root:
             store = LocalStore(root / "store")
             (root / "raw").mkdir()
@@ -103,9 +102,6 @@ def main() -> None:
             )
         print(f"{n} batches, {total_rows} rows of {SHAPE[2]} fp32, {nbytes / 2**30:.2f} GiB; batch_size {BATCH}\n")
         print_table(["reader", "median epoch", "rows/s", "GB/s", "vs mi_crow loader", "vs sequential"], rows_out)
-    finally:
-        if ref is not None:
-            ref.close()
 
 
 if __name__ == "__main__":

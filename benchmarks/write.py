@@ -264,19 +264,14 @@ def main() -> None:
     args = parse_args(__doc__)
     reps = 4 if args.quick else 16
     print_header("Write throughput")
-    ref = reference(args)
-    try:
-        with work_dir(args.dir) as root:
-            throughput(root, ref, reps)
-            print("\n### Peak extra memory during one put\n")
-            peak_memory(root, ref, args.quick)
-            print("\n### Durability modes\n")
-            durability(root, reps)
-            print("\n### Many small tensors\n")
-            small_tensors(root, reps)
-    finally:
-        if ref is not None:
-            ref.close()
+    with reference(args) as ref, work_dir(args.dir) as root:
+        throughput(root, ref, reps)
+        print("\n### Peak extra memory during one put\n")
+        peak_memory(root, ref, args.quick)
+        print("\n### Durability modes\n")
+        durability(root, reps)
+        print("\n### Many small tensors\n")
+        small_tensors(root, reps)
 
 
 if __name__ == "__main__":
