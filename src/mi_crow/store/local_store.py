@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,15 @@ def _is_at(path: str, fd: int) -> bool:
         return False
     mine = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _make_subdir(path: str, made: set[str]) -> None:
+    """``mkdir`` ``path`` and its missing parents inside a new staging directory, recording
+    each in ``made`` (which holds the staging directory itself)."""
+    if path not in made:
+        _make_subdir(os.path.dirname(path), made)
+        os.mkdir(path)
+        made.add(path)
 
 
 class _LocalDir:
@@ -231,9 +241,32 @@ class LocalStore(LayoutStore):
     # ------------------------------------------------------------------ paths
 
     def _path(self, key: str, *, create_parent: bool = False) -> str:
-        """The file-system path of ``key``, after checking it resolves inside ``base_path``."""
-        base = os.path.realpath(self.base_path)
+        """The file-system path of ``key``, after checking it resolves inside ``base_path``.
+
+        Keys are built from validated names (no ``..``, no empty parts), so a path none of
+        whose parts below ``base_path`` is a symbolic link is inside it: one ``lstat`` per
+        part decides that. Only when a part is a link is the path resolved and compared.
+        With ``create_parent``, missing parent directories are made.
+        """
         path = os.path.join(self.base_path, key)
+        parts = key.split("/")
+        cur = os.fspath(self.base_path)
+        for depth, part in enumerate(parts):
+            cur = os.path.join(cur, part)
+            try:
+                mode = os.lstat(cur).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                # Nothing below here exists, so nothing below here is a link.
+                if create_parent and depth < len(parts) - 1:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                return path
+            if stat.S_ISLNK(mode):
+                return self._resolved_path(key, path, create_parent)
+        return path
+
+    def _resolved_path(self, key: str, path: str, create_parent: bool) -> str:
+        """``_path`` for a key that passes through a symbolic link: allowed only inside the store."""
+        base = os.path.realpath(self.base_path)
         real = os.path.realpath(path)
         if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
             raise ValueError(
@@ -300,9 +333,7 @@ class LocalStore(LayoutStore):
             for rel, payload in files.items():
                 target = os.path.join(stage, rel)
                 sub = os.path.dirname(target)
-                if sub not in subdirs:
-                    os.makedirs(sub, exist_ok=True)
-                    subdirs.add(sub)
+                _make_subdir(sub, subdirs)
                 _atomic.create_file(target, payload, durable=self.durable)
             if self.durable:
                 for sub in subdirs:
