@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -401,3 +405,60 @@ def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"\0\0abcdefghijklmnopq\x00\x01\x02\x03"
+
+
+def test_large_files_are_preallocated_and_exact(store: LocalStore) -> None:
+    t = torch.arange(512 * 1024, dtype=torch.float32)  # 2 MiB: above atomic.FALLOCATE_MIN
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": t}})
+    path = store.base_path / "runs/r/batch_0/l/k.safetensors"
+    header = path.read_bytes()[: 8 + int.from_bytes(path.read_bytes()[:8], "little")]
+    assert path.stat().st_size == len(header) + t.numel() * 4  # preallocation adds no bytes
+    assert torch.equal(st.load_file(path)["tensor"], t)
+    assert torch.equal(store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k"), t)
+
+
+def test_preallocate_reports_real_errors_and_skips_unsupported(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(OSError) as e:
+        atomic.preallocate(987654, 1 << 20, str(tmp_path / "f"))  # not an open descriptor
+    assert e.value.errno == errno.EBADF and e.value.filename == str(tmp_path / "f")
+
+    def unsupported(fd: int, mode: int, offset: int, size: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)  # what a file system without fallocate answers
+        return -1
+
+    monkeypatch.setattr(atomic, "_fallocate", unsupported)
+    t = torch.arange(1 << 20, dtype=torch.int16)
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": t}})
+    assert torch.equal(store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k"), t)
+
+
+FSIZE_CHILD = r"""
+import resource, signal, sys, torch
+from mi_crow.store import LocalStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+store = LocalStore(sys.argv[1])
+store.put_detector_metadata("r", 0, {"v": 1}, {"l": {"k": torch.ones(10)}})
+try:
+    store.put_detector_metadata("r", 0, {"v": 2}, {"l": {"k": torch.ones(1 << 20)}})  # 4 MiB
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def test_a_file_too_large_fails_before_writing_and_leaves_the_old_entry(tmp_path: Path) -> None:
+    """The file-size limit (like a full disk) is hit by the preallocation, before any data."""
+    out = subprocess.run(
+        [sys.executable, "-c", FSIZE_CHILD, str(tmp_path / "s")], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == [str(errno.EFBIG)]
+    store = LocalStore(tmp_path / "s")
+    meta, tensors = store.get_detector_metadata("r", 0)
+    assert meta["v"] == 1 and torch.equal(tensors["l"]["k"], torch.ones(10))
+    assert files_under(tmp_path / "s") == [
+        ".mi-crow-store.lock",
+        "runs/r/batch_0/l/k.safetensors",
+        "runs/r/batch_0/metadata.json",
+    ]
