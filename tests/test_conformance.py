@@ -16,6 +16,11 @@ class TestLocalStoreDurable(StoreTests):
         return LocalStore(tmp_path / "store", durable=True)
 
 
+class TestLocalStoreWithoutChecksums(StoreTests):
+    def make_store(self, tmp_path: Path) -> LocalStore:
+        return LocalStore(tmp_path / "store", checksums=False, verify=True)
+
+
 class TestMemoryStore(StoreTests):
     def make_store(self, tmp_path: Path) -> MemoryStore:
         return MemoryStore()

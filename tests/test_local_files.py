@@ -90,6 +90,18 @@ def test_single_tensor_files_are_byte_identical_to_safetensors(store: LocalStore
         assert_same(st.load_file(path)["tensor"], t)
 
 
+@pytest.mark.parametrize("dtype", all_dtypes(), ids=str)
+def test_without_checksums_files_are_exactly_safetensors_save(tmp_path: Path, dtype: torch.dtype) -> None:
+    store = LocalStore(tmp_path / "s", checksums=False, verify=True)
+    for i, shape in enumerate([(), (0,), (3, 5), (512, 1024)]):  # the last is written with fallocate
+        t = sample_tensor(dtype, shape, i)
+        store.put_detector_metadata("r", i, {}, {"l": {"k": t}})
+        path = store.base_path / f"runs/r/batch_{i}/l/k.safetensors"
+        assert path.read_bytes() == st.save({"tensor": t})
+        assert_same(store.get_detector_metadata_by_layer_by_key("r", i, "l", "k"), t)
+    assert store.check() == []
+
+
 def test_multi_tensor_files_load_with_safetensors(store: LocalStore) -> None:
     d = {n: sample_tensor(dt, (3, 2), i) for i, (n, dt) in enumerate(zip("abcdef", all_dtypes()[:6], strict=True))}
     store.put_run_batch("r", 0, d)

@@ -84,6 +84,7 @@ class LayoutStore(Store):
         model_prefix: str = "models",
         *,
         verify: bool = False,
+        checksums: bool = True,
     ):
         """Initialize the store.
 
@@ -94,6 +95,9 @@ class LayoutStore(Store):
             model_prefix: Prefix for models directory
             verify: Check every tensor read against the CRC-32 recorded when it was written,
                 raising ``OSError`` naming the file on a mismatch (costs one pass over the bytes).
+            checksums: Record the CRC-32 of every tensor written (computed on a helper thread
+                while the data is written), for ``verify``, ``check()`` and
+                ``mi-crow-store verify``. False writes plain safetensors files without them.
         """
         for what, prefix in (
             ("runs_prefix", runs_prefix),
@@ -103,6 +107,7 @@ class LayoutStore(Store):
             check_relpath(prefix, what)
         super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix)
         self.verify_reads = verify
+        self.checksums = checksums
         # Tensors of at least this many bytes come back memory-mapped (backends with real files).
         self._mmap_min: int | None = None
         self._append_lock = threading.Lock()
@@ -176,6 +181,9 @@ class LayoutStore(Store):
     def _read_bytes(self, key: str) -> bytes:
         with self._open(key) as f:
             return f.read()
+
+    def _encode(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Payload:
+        return tf.encode(tensors, metadata, checksums=self.checksums)
 
     def _tensor(self, f: BinaryIO | None, header: tf.Header, name: str, where: str) -> torch.Tensor:
         """Read one tensor the way this store reads (checksums, memory mapping)."""
@@ -320,7 +328,7 @@ class LayoutStore(Store):
         files: dict[str, Payload] = {}
         for layer, tensors in prepared.items():
             for tkey, t in tensors.items():
-                files[f"{layer}/{tkey}.safetensors"] = tf.encode({TENSOR_NAME: t})
+                files[f"{layer}/{tkey}.safetensors"] = self._encode({TENSOR_NAME: t})
         files["metadata.json"] = Payload(meta_bytes)  # last: the file that makes the batch readable
         self._write_dir(key, files)
         return key
@@ -430,7 +438,7 @@ class LayoutStore(Store):
                 to_save = {EMPTY_LIST_NAME: torch.tensor([])}
         else:
             raise ValueError(f"tensors must be a dict or a list of tensors, got {type(tensors).__name__}")
-        self._write(key, tf.encode(to_save, {KIND_FIELD: kind}))
+        self._write(key, self._encode(to_save, {KIND_FIELD: kind}))
         return key
 
     def get_run_batch(self, run_id: str, batch_index: int) -> RunBatch:
@@ -538,7 +546,7 @@ class LayoutStore(Store):
         prepared, names = self._prepare_tensor_metadata(tensor_metadata)
         entry = json.dumps({"metadata": metadata, "tensors": names}, ensure_ascii=False, allow_nan=False)
         flat = {f"{layer}/{k}": t for layer, tensors in prepared.items() for k, t in tensors.items()}
-        payload = tf.encode(flat, {ENTRY_FIELD: entry})
+        payload = self._encode(flat, {ENTRY_FIELD: entry})
         run_key = self._run_dir(run_id)
         with self._append_lock:
             n = self._append_next.get(run_key)
@@ -662,7 +670,10 @@ class LayoutStore(Store):
         prepared = self._check_tensor_names(tensors, "tensors")
         self._write_dir(
             key,
-            {"model.safetensors": tf.encode(prepared, {"format": "pt"}), "metadata.json": Payload(_json.dumps(meta))},
+            {
+                "model.safetensors": self._encode(prepared, {"format": "pt"}),
+                "metadata.json": Payload(_json.dumps(meta)),
+            },
         )
         return key
 
@@ -806,7 +817,7 @@ class LayoutStore(Store):
             ValueError: If ``key`` is unsafe or ``tensor`` cannot be stored (nothing is written).
         """
         check_relpath(key, "key")
-        self._write(key, tf.encode({TENSOR_NAME: tf.prepare_tensor(tensor, "tensor")}))
+        self._write(key, self._encode({TENSOR_NAME: tf.prepare_tensor(tensor, "tensor")}))
 
     def get_tensor(self, key: str) -> torch.Tensor:
         """Load a tensor saved by ``put_tensor``.

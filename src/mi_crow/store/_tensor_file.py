@@ -176,13 +176,15 @@ def _crc_all(views: Sequence[memoryview]) -> list[int]:
     return [crc32(v) for v in views]
 
 
-def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Payload:
+def encode(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, checksums: bool = True
+) -> Payload:
     """Encode prepared tensors as a safetensors file: a header, then each tensor's own memory.
 
     Tensors are laid out by decreasing element size, then by name, so every tensor's data
-    starts at a multiple of its element size (as safetensors does). The CRC-32 of every
-    tensor goes into ``__metadata__``; for large tensors it is computed on a helper thread
-    while the caller writes the data, and the header waits for it.
+    starts at a multiple of its element size (as safetensors does). With ``checksums``, the
+    CRC-32 of every tensor goes into ``__metadata__``; for large tensors it is computed on a
+    helper thread while the caller writes the data, and the header waits for it.
     """
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     entries: dict[str, Any] = {}
@@ -199,18 +201,22 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
         offset += nbytes
         views.append(tensor_bytes(t))
 
-    def header(crcs: Sequence[int]) -> bytes:
+    def header(crcs: Sequence[int] | None) -> bytes:
         meta = dict(metadata or {})
-        meta[CRC_FIELD] = json.dumps(
-            {name: f"{crc:08x}" for name, crc in zip(order, crcs, strict=True)},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
-        raw = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if crcs is not None:
+            meta[CRC_FIELD] = json.dumps(
+                {name: f"{crc:08x}" for name, crc in zip(order, crcs, strict=True)},
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+        head = {"__metadata__": meta, **entries} if meta else entries
+        raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw
 
     data = [v for v in views if v.nbytes]
+    if not checksums:
+        return Payload(header(None), data)
     if offset < _CRC_THREAD_MIN:
         return Payload(header(_crc_all(views)), data)
     pending = _crc_executor().submit(_crc_all, views)

@@ -204,6 +204,7 @@ class LocalStore(LayoutStore):
         durable: bool = False,
         verify: bool = False,
         mmap: bool = True,
+        checksums: bool = True,
     ):
         """Initialize LocalStore.
 
@@ -220,8 +221,13 @@ class LocalStore(LayoutStore):
                 process; a later overwrite of the entry (by rename) never changes it. Set
                 False to always read into process memory (e.g. on network file systems, where
                 another host truncating a file under a mapping would crash the reader).
+            checksums: Record the CRC-32 of every tensor written, for ``verify``, ``check()``
+                and ``mi-crow-store verify``. It is computed on a helper thread while the data
+                is written; False saves the memory bandwidth it takes (about 8% of a large
+                write on a 2-core machine, see ``benchmarks/RESULTS.md``) and writes plain
+                safetensors files, whose damage only ``verify``'s structural checks then catch.
         """
-        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify)
+        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify, checksums=checksums)
         self.durable = durable
         self._mmap_min = MMAP_MIN_BYTES if mmap else None
         self._writers = _WriterLock(self.base_path)

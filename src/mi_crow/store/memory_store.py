@@ -70,8 +70,9 @@ class MemoryStore(LayoutStore):
         model_prefix: str = "models",
         *,
         verify: bool = False,
+        checksums: bool = True,
     ):
-        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify)
+        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify, checksums=checksums)
         self._files: dict[str, bytes] = {}
         self._lock = threading.RLock()
 
