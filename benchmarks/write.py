@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from _common import (
     plain_write,
     print_header,
     print_table,
+    raw_bytes,
     reference,
     timed,
     work_dir,
@@ -57,6 +59,14 @@ def tensors(layers: int, keys: int, shape: list[int], dtype: str) -> dict[str, d
     }
 
 
+def plain_fallocate(path: Path, t: torch.Tensor) -> None:
+    """A plain write after ``fallocate`` of the file's size: what the store does for large files."""
+    data = raw_bytes(t)
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, data.nbytes)
+        f.write(data)
+
+
 def by_hand(batch: Path, tm: dict[str, dict[str, torch.Tensor]]) -> None:
     """mi_crow's per-batch layout written directly, without any safety: what the layout costs."""
     batch.mkdir()
@@ -73,16 +83,12 @@ def throughput(root: Path, ref: object, reps: int) -> None:
         tm = tensors(layers, keys, shape, dtype)
         nbytes = sum(t.numel() * t.element_size() for d in tm.values() for t in d.values())
         store = LocalStore(root / "ours")
-        times: dict[str, list[float]] = {"plain": [], "layout by hand": [], "ours": [], "mi_crow": []}
+        no_crc = LocalStore(root / "ours", checksums=False)
         # The run directory exists beforehand, as in real use; plain writes new files beside it.
-        # Each round's files are deleted before the next (so writes reuse freed pages rather than
-        # never-touched ones, which this VM's memory balloon makes several times slower), then
-        # os.sync() lets the file system finish that deletion (ext4 with online discard stalls
-        # the next metadata operations otherwise) before anything is timed.
-        plain_dir = root / "ours" / "runs" / "run"
+        run_dir = root / "ours" / "runs" / "run"
         store.put_run_metadata("run", {})
         if ref is not None:
-            ref.call(
+            ref.call(  # type: ignore[attr-defined]
                 op="put_detector",
                 root=str(root / "ref"),
                 run="run",
@@ -91,61 +97,71 @@ def throughput(root: Path, ref: object, reps: int) -> None:
                 keys=1,
                 shape=[1],
                 dtype="float32",
-            )  # type: ignore[attr-defined]
+            )
+
+        def plain_files(write: Callable[[Path, torch.Tensor], None], tag: str, rep: int) -> None:
+            for layer, d in tm.items():
+                for key, t in d.items():
+                    write(run_dir / f"{tag}-{rep}-{layer}-{key}.bin", t)
+
+        def mi_crow(rep: int) -> float:
+            out = ref.call(  # type: ignore[attr-defined]
+                op="put_detector",
+                root=str(root / "ref"),
+                run="run",
+                batch=rep,
+                layers=layers,
+                keys=keys,
+                shape=shape,
+                dtype=dtype,
+            )
+            return float(out["seconds"])
+
+        candidates: dict[str, Callable[[int], float]] = {
+            "plain": lambda rep: timed(lambda: plain_files(plain_write, "plain", rep)),
+            "plain+fallocate": lambda rep: timed(lambda: plain_files(plain_fallocate, "falloc", rep)),
+            "layout by hand": lambda rep: timed(lambda: by_hand(run_dir / f"hand_{rep}", tm)),
+            "ours": lambda rep: timed(lambda: store.put_detector_metadata("run", rep, {"i": rep}, tm)),
+            "ours, checksums=False": lambda rep: timed(
+                lambda: no_crc.put_detector_metadata("run", 10**5 + rep, {"i": rep}, tm)
+            ),
+        }
+        if ref is not None:
+            candidates["mi_crow"] = mi_crow
+        names = list(candidates)
+        times: dict[str, list[float]] = {who: [] for who in names}
         for rep in range(reps):
             # Rotate the order, so each candidate runs after each other one equally often (a
             # candidate right after mi_crow's large clones would otherwise be slowed every time).
-            names = ["plain", "layout by hand", "ours", "mi_crow"]
-            order = names[rep % 4 :] + names[: rep % 4]
-            for who in order:
-                if who == "plain":
-                    times["plain"].append(
-                        timed(
-                            lambda: [
-                                plain_write(plain_dir / f"plain-{rep}-{layer}-{key}.bin", t)
-                                for layer, d in tm.items()
-                                for key, t in d.items()
-                            ]
-                        )
-                    )
-                elif who == "layout by hand":
-                    times[who].append(timed(lambda: by_hand(plain_dir / f"hand_{rep}", tm)))
-                elif who == "ours":
-                    times["ours"].append(timed(lambda: store.put_detector_metadata("run", rep, {"i": rep}, tm)))
-                elif ref is not None:
-                    times["mi_crow"].append(
-                        ref.call(  # type: ignore[attr-defined]
-                            op="put_detector",
-                            root=str(root / "ref"),
-                            run="run",
-                            batch=rep,
-                            layers=layers,
-                            keys=keys,
-                            shape=shape,
-                            dtype=dtype,
-                        )["seconds"]
-                    )
-            for p in plain_dir.glob("plain-*"):
-                p.unlink()
-            shutil.rmtree(plain_dir / f"hand_{rep}")
-            shutil.rmtree(root / "ours" / "runs" / "run" / f"batch_{rep}", ignore_errors=True)
+            for who in names[rep % len(names) :] + names[: rep % len(names)]:
+                times[who].append(candidates[who](rep))
+            # Delete the round's files (so writes reuse freed pages rather than never-touched
+            # ones, which this VM's memory balloon makes several times slower), then os.sync()
+            # lets the file system finish the deletion (ext4 with online discard stalls the next
+            # metadata operations otherwise) before anything is timed.
+            for p in run_dir.iterdir():
+                if p.name != "meta.json":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
             shutil.rmtree(root / "ref" / "runs" / "run" / f"batch_{rep}", ignore_errors=True)
             os.sync()
         shutil.rmtree(root / "ours", ignore_errors=True)
         shutil.rmtree(root / "ref", ignore_errors=True)
-        plain, hand, ours = median(times["plain"]), median(times["layout by hand"]), median(times["ours"])
-        ref_t = median(times["mi_crow"]) if times["mi_crow"] else float("nan")
+        m = {who: median(v) if v else float("nan") for who, v in times.items()}
+        m.setdefault("mi_crow", float("nan"))
         rows.append(
             [
                 name,
                 f"{nbytes / 2**20:.0f} MiB",
-                nbytes / plain / 1e9,
-                nbytes / ours / 1e9,
-                nbytes / ref_t / 1e9,
-                plain / ours,
-                plain / hand,
-                plain / ref_t,
-                ref_t / ours,
+                nbytes / m["plain"] / 1e9,
+                nbytes / m["plain+fallocate"] / 1e9,
+                nbytes / m["ours"] / 1e9,
+                nbytes / m["mi_crow"] / 1e9,
+                m["plain"] / m["ours"],
+                m["plain+fallocate"] / m["ours"],
+                m["plain+fallocate"] / m["ours, checksums=False"],
+                m["plain"] / m["layout by hand"],
+                m["plain"] / m["mi_crow"],
+                m["mi_crow"] / m["ours"],
             ]
         )
     print_table(
@@ -153,9 +169,12 @@ def throughput(root: Path, ref: object, reps: int) -> None:
             "case",
             "size",
             "plain GB/s",
+            "plain+fallocate GB/s",
             "ours GB/s",
             "mi_crow GB/s",
             "ours/plain",
+            "ours/(plain+fallocate)",
+            "ours checksums=False/(plain+fallocate)",
             "layout by hand/plain",
             "mi_crow/plain",
             "ours vs mi_crow",
@@ -163,9 +182,12 @@ def throughput(root: Path, ref: object, reps: int) -> None:
         rows,
     )
     print(
-        f"\nmedians of {reps} alternating rounds; throughput ratios (higher is better). 'layout by hand' writes"
-        " mi_crow's batch layout (directories, files, metadata.json) directly, with no safety: the cost of the"
-        " layout itself."
+        f"\nmedians of {reps} rounds, candidates in rotating order; throughput ratios (higher is better)."
+        " 'plain' is one f.write of the tensor's bytes to a new file; 'plain+fallocate' preallocates the"
+        " file's blocks first, as the store does for files of 256 KiB or more (ext4's delayed allocation"
+        " otherwise reserves space page by page inside write). 'layout by hand' writes mi_crow's batch layout"
+        " (directories, files, metadata.json) directly with plain writes and no safety. 'checksums=False'"
+        " skips the CRC-32 that the store otherwise computes on a helper thread while writing."
     )
 
 
@@ -262,7 +284,7 @@ def small_tensors(root: Path, reps: int) -> None:
 
 def main() -> None:
     args = parse_args(__doc__)
-    reps = 4 if args.quick else 16
+    reps = 6 if args.quick else 24
     print_header("Write throughput")
     with reference(args) as ref, work_dir(args.dir) as root:
         throughput(root, ref, reps)
