@@ -90,6 +90,17 @@ def test_single_tensor_files_are_byte_identical_to_safetensors(store: LocalStore
         assert_same(st.load_file(path)["tensor"], t)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_large_tensor_checksum_computed_while_writing(store: LocalStore, dtype: torch.dtype) -> None:
+    """Above 4 MiB the CRC runs on a helper thread and the header is written after the data."""
+    t = sample_tensor(dtype, (6 << 20,), 7)  # 6-48 MiB
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": t}})
+    path = store.base_path / "runs/r/batch_0/l/k.safetensors"
+    crc = zlib.crc32(t.view(torch.uint8).numpy())
+    assert path.read_bytes() == st.save({"tensor": t}, metadata={"mi_crow_store.crc32": f'{{"tensor":"{crc:08x}"}}'})
+    assert store.check() == []
+
+
 @pytest.mark.parametrize("dtype", all_dtypes(), ids=str)
 def test_without_checksums_files_are_exactly_safetensors_save(tmp_path: Path, dtype: torch.dtype) -> None:
     store = LocalStore(tmp_path / "s", checksums=False, verify=True)
