@@ -213,6 +213,35 @@ def test_backpressure_bounds_pending_batches() -> None:
     assert len(done) == 4 and store.list_run_batches("r") == [0, 1, 2, 3]
 
 
+class _SlowRecordingStore(MemoryStore):
+    """Writes lag the model by a varying delay; records the memory each batch's tensors sit in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pointers: set[int] = set()
+
+    def put_detector_metadata(self, run_id: str, i: int, meta: Any, tensors: Any) -> str:
+        time.sleep(0.002 * (i % 3))
+        self.pointers.update(t.data_ptr() for d in tensors.values() for t in d.values())
+        return super().put_detector_metadata(run_id, i, meta, tensors)
+
+
+def test_host_buffers_are_recycled_only_after_their_batch_is_written() -> None:
+    model = decoder()
+    store = _SlowRecordingStore()
+    xs = [torch.randn(2, 5, 16) for _ in range(12)]
+    with ActivationCapture(model, store, "r", ["0", "2"], max_pending=2) as cap, torch.no_grad():
+        for x in xs:
+            model(x)
+    for i, x in enumerate(xs):  # no batch was overwritten by a later one before it was written
+        expected = reference_outputs(model, ["0", "2"], x)
+        for layer in ("0", "2"):
+            assert_same(store.get_detector_metadata_by_layer_by_key("r", i, layer, "activations"), expected[layer])
+    # 24 captured tensors lived in far fewer buffers: at most the batches in flight at once.
+    assert len(store.pointers) <= 2 * (2 + 2)
+    assert sum(len(v) for v in cap._free.values()) <= cap._free_per_shape
+
+
 def test_writer_errors_reach_the_caller() -> None:
     model = decoder()
     store = _GatedStore()

@@ -17,6 +17,7 @@ import difflib
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -28,6 +29,7 @@ from mi_crow.store._names import check_name
 from mi_crow.store.store import Store
 
 _STOP = object()
+_FREE_SHAPES = 4  # recycled host buffers are kept for this many (shape, dtype) pairs
 
 
 def extract_tensor(value: Any) -> torch.Tensor | None:
@@ -134,8 +136,11 @@ class ActivationCapture:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._error_raised = False
-        self._pinned: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
-        self._pinned_lock = threading.Lock()
+        # Host buffers of written batches, by (shape, dtype, pinned), for the next batches.
+        # At most the buffers of every batch that can be in flight at once, for a few shapes.
+        self._free: OrderedDict[tuple[tuple[int, ...], torch.dtype, bool], list[torch.Tensor]] = OrderedDict()
+        self._free_lock = threading.Lock()
+        self._free_per_shape = (max_pending + 2) * (len(self.layers) + 2)
         self._side_stream: Any = None
         self.next_batch = 0
         self.batches = 0
@@ -286,12 +291,14 @@ class ActivationCapture:
         if self.dtype is not None and t.dtype != self.dtype and t.is_floating_point():
             t = t.to(self.dtype)  # on the device: fewer bytes to move
         if t.device.type != "cuda":
-            out = torch.empty(t.shape, dtype=t.dtype)
+            # A recycled buffer: memory the process has touched before (a fresh allocation is
+            # faulted in page by page, several times slower on a VM with a memory balloon).
+            out = self._take_buffer(tuple(t.shape), t.dtype, pinned=False)
             out.copy_(t)
             return out
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(device=t.device)  # type: ignore[no-untyped-call]
-        out = self._take_pinned(tuple(t.shape), t.dtype)
+        out = self._take_buffer(tuple(t.shape), t.dtype, pinned=True)
         stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(stream):
@@ -302,19 +309,26 @@ class ActivationCapture:
         self._events.append(event)
         return out
 
-    def _take_pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        with self._pinned_lock:
-            free = self._pinned.get((shape, dtype))
+    def _take_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, *, pinned: bool) -> torch.Tensor:
+        with self._free_lock:
+            free = self._free.get((shape, dtype, pinned))
             if free:
                 return free.pop()
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
+        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
 
-    def _give_back_pinned(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    def _give_back(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Recycle a written batch's host buffers (all made by ``_to_host``; the store keeps no
+        reference once ``put_detector_metadata`` returned)."""
         unique = {id(t): t for keys in tensors.values() for t in keys.values()}  # masks are shared by layers
-        with self._pinned_lock:
+        with self._free_lock:
             for t in unique.values():
-                if t.is_pinned():
-                    self._pinned.setdefault((tuple(t.shape), t.dtype), []).append(t)
+                key = (tuple(t.shape), t.dtype, t.is_pinned())
+                free = self._free.setdefault(key, [])
+                self._free.move_to_end(key)
+                if len(free) < self._free_per_shape:
+                    free.append(t)
+            while len(self._free) > _FREE_SHAPES:  # shapes that vary batch to batch: keep the latest
+                self._free.popitem(last=False)
 
     # ------------------------------------------------------------------ writer
 
@@ -340,8 +354,7 @@ class ActivationCapture:
                 if time.monotonic() - self._meta_written >= 1.0:
                     self.store.put_run_metadata(self.run_id, self._run_meta)
                     self._meta_written = time.monotonic()
-                if events:
-                    self._give_back_pinned(tensors)
+                self._give_back(tensors)
             except BaseException as e:  # raised in the caller at its next call, or at exit
                 self._error = e
 
