@@ -3,7 +3,7 @@
     python benchmarks/capture.py [--quick] [--device cuda]
 
 A bf16 decoder stack (torch.nn.TransformerEncoderLayer, as in shared/bench/gpu_capture_baseline.py)
-runs N batches; k layers are captured. Side by side in one run, alternating:
+runs N batches; k layers are captured. Side by side in one run, in rotating order:
   forward only; ActivationCapture into a LocalStore (pipelined); and the naive way (.cpu() in
   the hook, then a synchronous put_detector_metadata after each forward).
 The floor is max(forward time, captured bytes / plain-write throughput), the write throughput
@@ -13,6 +13,7 @@ being measured in the same run on the same directory with f.write of the same by
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 
@@ -47,11 +48,11 @@ def main() -> None:
     args = parse_args(__doc__, extra)
     device = args.device
     if device == "cpu":
-        n_layers, d, heads, batch, tokens, n = (4, 256, 4, 8, 128, 8) if args.quick else (8, 512, 8, 16, 256, 12)
+        n_layers, d, heads, batch, tokens, n = (4, 256, 4, 8, 128, 4) if args.quick else (8, 512, 8, 16, 256, 6)
     else:
         n_layers, d, heads, batch, tokens, n = (16, 2048, 16, 32, 512, 12)
     captured = [str(i) for i in range(0, n_layers, max(1, n_layers // 4))][:4]
-    reps = 2 if args.quick else 3
+    reps = 4 if args.quick else 8
     print_header(f"Capture on {device}")
     model = build(n_layers, d, heads, device)
     xs = [torch.randn(batch, tokens, d, device=device, dtype=torch.bfloat16) for _ in range(n)]
@@ -68,24 +69,27 @@ def main() -> None:
             model(xs[0])
         sync(device)
         sample = torch.empty(per_batch // 2, dtype=torch.bfloat16)
-        for rep in range(reps):
+        modules = dict(model.named_modules())
+
+        def forward_only(rep: int) -> float:
             t0 = time.perf_counter()
             for x in xs:
                 model(x)
             sync(device)
-            times["forward only"].append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
 
+        def capture(rep: int) -> float:
             store = LocalStore(root / f"cap{rep}")
             t0 = time.perf_counter()
             with ActivationCapture(model, store, "run", captured):
                 for x in xs:
                     model(x)
             sync(device)
-            times["ActivationCapture"].append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
 
-            naive = LocalStore(root / f"naive{rep}")
+        def naive(rep: int) -> float:
+            store = LocalStore(root / f"naive{rep}")
             grabbed: dict[str, torch.Tensor] = {}
-            modules = dict(model.named_modules())
             handles = [
                 modules[name].register_forward_hook(
                     lambda m, a, o, name=name: grabbed.__setitem__(name, o.cpu().clone())
@@ -95,19 +99,35 @@ def main() -> None:
             t0 = time.perf_counter()
             for i, x in enumerate(xs):
                 model(x)
-                naive.put_detector_metadata("run", i, {}, {k: {"activations": v} for k, v in grabbed.items()})
-            times["naive (.cpu() + sync put)"].append(time.perf_counter() - t0)
+                store.put_detector_metadata("run", i, {}, {k: {"activations": v} for k, v in grabbed.items()})
+            elapsed = time.perf_counter() - t0
             for h in handles:
                 h.remove()
+            return elapsed
 
+        def plain(rep: int) -> float:
             (root / f"plain{rep}").mkdir()
             t0 = time.perf_counter()
             for i in range(n):
                 for k in range(2):
                     plain_write(root / f"plain{rep}" / f"{i}-{k}", sample)
-            times["plain write of the bytes"].append(time.perf_counter() - t0)
-            for d_ in (f"cap{rep}", f"naive{rep}", f"plain{rep}"):
-                shutil.rmtree(root / d_)
+            return time.perf_counter() - t0
+
+        candidates = {
+            "forward only": forward_only,
+            "ActivationCapture": capture,
+            "naive (.cpu() + sync put)": naive,
+            "plain write of the bytes": plain,
+        }
+        names = list(candidates)
+        for rep in range(reps):
+            # Rotate the order; each candidate starts with its predecessor's files gone and
+            # written back (os.sync), so no candidate pays for another's writeback.
+            for who in names[rep % len(names) :] + names[: rep % len(names)]:
+                times[who].append(candidates[who](rep))
+                for d_ in (f"cap{rep}", f"naive{rep}", f"plain{rep}"):
+                    shutil.rmtree(root / d_, ignore_errors=True)
+                os.sync()
     fwd, write = median(times["forward only"]), median(times["plain write of the bytes"])
     floor = max(fwd, write)
     rows = [[name, f"{median(ts):.3f} s", median(ts) / fwd, median(ts) / floor] for name, ts in times.items()]
