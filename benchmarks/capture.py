@@ -26,6 +26,7 @@ from mi_crow.store import ActivationCapture, LocalStore
 
 def extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the model (CPU)")
 
 
 def build(layers: int, d: int, heads: int, device: str) -> nn.Module:
@@ -47,6 +48,8 @@ def sync(device: str) -> None:
 def main() -> None:
     args = parse_args(__doc__, extra)
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device == "cpu":
         n_layers, d, heads, batch, tokens, n = (4, 256, 4, 8, 128, 4) if args.quick else (8, 512, 8, 16, 256, 6)
     else:
@@ -133,7 +136,8 @@ def main() -> None:
     rows = [[name, f"{median(ts):.3f} s", median(ts) / fwd, median(ts) / floor] for name, ts in times.items()]
     print(
         f"{n_layers}-layer bf16 decoder, d={d}, {n} batches of {batch}x{tokens} tokens, "
-        f"{len(captured)} layers captured ({per_batch / 2**20:.1f} MiB a batch, {total / 2**20:.0f} MiB in all)\n"
+        f"{len(captured)} layers captured ({per_batch / 2**20:.1f} MiB a batch, {total / 2**20:.0f} MiB in all), "
+        f"torch threads {torch.get_num_threads()}, {reps} rounds\n"
     )
     print_table(["", "median", "vs forward only", "vs floor"], rows)
     print(f"\nfloor = max(forward {fwd:.3f} s, captured bytes / plain write {write:.3f} s) = {floor:.3f} s")
