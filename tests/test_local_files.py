@@ -485,3 +485,21 @@ def test_a_file_too_large_fails_before_writing_and_leaves_the_old_entry(tmp_path
         "runs/r/batch_0/l/k.safetensors",
         "runs/r/batch_0/metadata.json",
     ]
+
+
+def test_list_run_batches_takes_only_names_the_store_writes(store: LocalStore) -> None:
+    store.put_detector_metadata("r", 7, {}, {"l": {"k": torch.ones(1)}})
+    store.put_run_batch("r", 1_000_000, [torch.ones(1)])  # batch_1000000.safetensors (7 digits)
+    run = store.base_path / "runs" / "r"
+    for d in ("batch_0", "batch_12", "batch_01", "batch_\u0663", "batch_", "batch_-1", "batch_1x", "xbatch_3"):
+        (run / d).mkdir()
+    for f in (
+        "batch_000005.safetensors",
+        "batch_0000006.safetensors",
+        "batch_00004.safetensors",
+        "batch_00000\u0663.safetensors",
+        "batch_000008.json",
+        "batch_9",
+    ):
+        (run / f).write_bytes(b"")
+    assert store.list_run_batches("r") == [0, 5, 7, 12, 1_000_000]
