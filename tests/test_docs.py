@@ -34,6 +34,8 @@ def test_readme_python_blocks_run(index: int, tmp_path: Path, monkeypatch: pytes
     out = capsys.readouterr().out
     if 'print([m["step"]' in code:
         assert "[0, 1, 2]" in out and "['gpt2-wiki'] ['sae-h3']" in out and "list 2" in out
+    if "checksums=False" in code:
+        assert out.strip() == "torch.Size([4, 8]) []"
     if "ActivationCapture(model" in code:
         assert out.strip() == "[0, 1, 2] 384"
 
