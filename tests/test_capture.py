@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 import proc_workers as pw
 from mi_crow.store import ActivationCapture, LocalStore, MemoryStore, Store
+from mi_crow.store._tensor_file import Payload
 from mi_crow.store.capture import extract_tensor
 from mi_crow.store.testing.store_tests import assert_same
 
@@ -219,11 +221,14 @@ class _SlowRecordingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.pointers: set[int] = set()
+        self.writes = 0
 
-    def put_detector_metadata(self, run_id: str, i: int, meta: Any, tensors: Any) -> str:
-        time.sleep(0.002 * (i % 3))
-        self.pointers.update(t.data_ptr() for d in tensors.values() for t in d.values())
-        return super().put_detector_metadata(run_id, i, meta, tensors)
+    def _write_dir(self, key: str, files: Mapping[str, Payload]) -> None:
+        self.writes += 1
+        time.sleep(0.002 * (self.writes % 3))
+        for payload in files.values():
+            self.pointers.update(torch.frombuffer(d, dtype=torch.uint8).data_ptr() for d in payload.data)
+        super()._write_dir(key, files)
 
 
 def test_host_buffers_are_recycled_only_after_their_batch_is_written() -> None:
@@ -240,6 +245,30 @@ def test_host_buffers_are_recycled_only_after_their_batch_is_written() -> None:
     # 24 captured tensors lived in far fewer buffers: at most the batches in flight at once.
     assert len(store.pointers) <= 2 * (2 + 2)
     assert sum(len(v) for v in cap._free.values()) <= cap._free_per_shape
+
+
+class _KeepingStore(MemoryStore):
+    """A store of its own that keeps the tensor objects it is given (a cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[dict[str, dict[str, torch.Tensor]]] = []
+
+    def put_detector_metadata(self, run_id: str, i: int, meta: Any, tensors: Any) -> str:
+        self.kept.append(tensors)
+        return super().put_detector_metadata(run_id, i, meta, tensors)
+
+
+def test_buffers_handed_to_another_store_are_never_reused() -> None:
+    model = decoder()
+    store = _KeepingStore()
+    xs = [torch.randn(2, 5, 16) for _ in range(6)]
+    with ActivationCapture(model, store, "r", ["1"], max_pending=1) as cap, torch.no_grad():
+        for x in xs:
+            model(x)
+    for x, kept in zip(xs, store.kept, strict=True):  # each batch still holds its own values
+        assert_same(kept["1"]["activations"], reference_outputs(model, ["1"], x)["1"])
+    assert cap._free == {}
 
 
 def test_writer_errors_reach_the_caller() -> None:

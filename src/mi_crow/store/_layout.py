@@ -148,6 +148,10 @@ class LayoutStore(Store):
         self._append_lock = threading.Lock()
 
     # ------------------------------------------------------------------ backend API
+    #
+    # A Payload's data buffers are views of the caller's tensors: a backend reads them during
+    # the call and keeps no reference once it returns (callers such as ActivationCapture
+    # reuse that memory for the next batch).
 
     @abc.abstractmethod
     def _write(self, key: str, payload: Payload) -> None:

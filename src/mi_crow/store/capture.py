@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mi_crow.store._layout import LayoutStore
 from mi_crow.store._names import check_name
 from mi_crow.store.store import Store
 
@@ -65,7 +66,9 @@ class ActivationCapture:
 
     Args:
         model: Any ``torch.nn.Module``; each of its forward calls in the context is one batch.
-        store: The store to write to (``put_detector_metadata`` per batch).
+        store: The store to write to (``put_detector_metadata`` per batch). With this package's
+            stores the host buffers of a written batch are reused for later batches; a store
+            of another kind may keep the tensors it is given, so it gets fresh ones each batch.
         run_id: The run; if it already has batches, the capture continues after the last.
         layers: Names from ``model.named_modules()`` (a name or a list of them).
         key: Tensor key of the activations (default ``"activations"``).
@@ -141,6 +144,10 @@ class ActivationCapture:
         self._free: OrderedDict[tuple[tuple[int, ...], torch.dtype, bool], list[torch.Tensor]] = OrderedDict()
         self._free_lock = threading.Lock()
         self._free_per_shape = (max_pending + 2) * (len(self.layers) + 2)
+        # Only a store whose put_detector_metadata is LayoutStore's is known to keep no
+        # reference to the tensors once the call returned; any other store may (a cache, an
+        # asynchronous upload), so its batches get fresh buffers.
+        self._recycle = getattr(type(store), "put_detector_metadata", None) is LayoutStore.put_detector_metadata
         self._side_stream: Any = None
         self.next_batch = 0
         self.batches = 0
@@ -317,8 +324,10 @@ class ActivationCapture:
         return torch.empty(shape, dtype=dtype, pin_memory=pinned)
 
     def _give_back(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Recycle a written batch's host buffers (all made by ``_to_host``; the store keeps no
-        reference once ``put_detector_metadata`` returned)."""
+        """Recycle a written batch's host buffers (all made by ``_to_host``), when the store is
+        known to keep no reference to them once ``put_detector_metadata`` returned."""
+        if not self._recycle:
+            return
         unique = {id(t): t for keys in tensors.values() for t in keys.values()}  # masks are shared by layers
         with self._free_lock:
             for t in unique.values():
