@@ -223,8 +223,8 @@ class LocalStore(LayoutStore):
                 another host truncating a file under a mapping would crash the reader).
             checksums: Record the CRC-32 of every tensor written, for ``verify``, ``check()``
                 and ``mi-crow-store verify``. It is computed on a helper thread while the data
-                is written; False saves the memory bandwidth it takes (about 8% of a large
-                write on a 2-core machine, see ``benchmarks/RESULTS.md``) and writes plain
+                is written; False saves the memory bandwidth it takes (large writes were
+                1.16-1.19x faster on a 2-core VM, see ``benchmarks/RESULTS.md``) and writes plain
                 safetensors files, whose damage only ``verify``'s structural checks then catch.
         """
         super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify, checksums=checksums)
