@@ -62,6 +62,13 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
+def rotated(names: Sequence[str], rep: int) -> list[str]:
+    """The candidates' order in round ``rep``: rotated by one each round, so over len(names)
+    rounds each runs in every position and after each other one equally often."""
+    k = rep % len(names)
+    return [*names[k:], *names[:k]]
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()

@@ -18,7 +18,7 @@ import shutil
 import time
 
 import torch
-from _common import median, parse_args, plain_write, print_header, print_table, work_dir
+from _common import median, parse_args, plain_write, print_header, print_table, rotated, work_dir
 from torch import nn
 
 from mi_crow.store import ActivationCapture, LocalStore
@@ -126,7 +126,7 @@ def main() -> None:
         for rep in range(reps):
             # Rotate the order; each candidate starts with its predecessor's files gone and
             # written back (os.sync), so no candidate pays for another's writeback.
-            for who in names[rep % len(names) :] + names[: rep % len(names)]:
+            for who in rotated(names, rep):
                 times[who].append(candidates[who](rep))
                 for d_ in (f"cap{rep}", f"naive{rep}", f"plain{rep}"):
                     shutil.rmtree(root / d_, ignore_errors=True)

@@ -26,6 +26,7 @@ from _common import (
     print_table,
     raw_bytes,
     reference,
+    rotated,
     timed,
     work_dir,
 )
@@ -134,7 +135,7 @@ def throughput(root: Path, ref: object, reps: int) -> None:
         for rep in range(reps):
             # Rotate the order, so each candidate runs after each other one equally often (a
             # candidate right after mi_crow's large clones would otherwise be slowed every time).
-            for who in names[rep % len(names) :] + names[: rep % len(names)]:
+            for who in rotated(names, rep):
                 times[who].append(candidates[who](rep))
             # Delete the round's files (so writes reuse freed pages rather than never-touched
             # ones, which this VM's memory balloon makes several times slower), then os.sync()
@@ -276,7 +277,7 @@ def sustained(root: Path, quick: bool) -> None:
     names = list(candidates)
     times: dict[str, list[float]] = {who: [] for who in names}
     for rep in range(reps):
-        for who in names[rep % len(names) :] + names[: rep % len(names)]:
+        for who in rotated(names, rep):
             # This VM hands memory untouched for a while back to its host; the next write into
             # it is several times slower. Touch (and free) more than the candidate will write,
             # so every candidate's page cache comes from memory the guest holds.
