@@ -1,15 +1,18 @@
-"""The command line, run as a user runs it: a real subprocess."""
+"""The command line: as a user runs it (a real subprocess), and in-process with click's CliRunner."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 
 from mi_crow.store import LocalStore
+from mi_crow.store.cli import EXIT_DAMAGED, EXIT_USAGE, describe, main
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -128,3 +131,370 @@ def test_gc_removes_leftovers_of_killed_writers(tmp_path: Path) -> None:
     assert "3 leftover(s) removed, 5.0 KiB freed" in proc.stdout
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == live
     assert store.check() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Never "ok" about nothing, never a traceback: the same commands in-process, with click's CliRunner.
+
+
+def invoke(*args: str) -> Result:
+    """Run the CLI in-process; a store error must never escape as an exception (a traceback)."""
+    result = CliRunner().invoke(main, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    assert "Traceback" not in result.output
+    return result
+
+
+def error_line(result: Result) -> str:
+    """The one line a refused command prints (on stderr, as ``Error: ...``)."""
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: "), lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
+def two_runs(root: Path) -> LocalStore:
+    store = LocalStore(root)
+    store.put_detector_metadata("a", 0, {}, {"L": {"activations": torch.ones(2, 3)}})
+    store.put_run_batch("b", 0, [torch.ones(4)])
+    return store
+
+
+@pytest.mark.parametrize("command", ["ls", "verify"])
+def test_run_that_does_not_exist_is_refused_with_the_existing_runs(tmp_path: Path, command: str) -> None:
+    two_runs(tmp_path)
+    result = invoke(command, str(tmp_path), "--run", "nosuch")
+    assert result.exit_code == EXIT_USAGE == 2
+    line = error_line(result)
+    assert "no run 'nosuch'" in line and "its runs are: a, b" in line
+    assert "ok" not in result.output.lower().split()
+    assert "verified" not in result.output
+    # One of several missing: all are named; an existing one alongside does not make it pass.
+    both = invoke(command, str(tmp_path), "--run", "a", "--run", "x", "--run", "y")
+    assert both.exit_code == EXIT_USAGE and "no runs 'x', 'y'" in error_line(both)
+
+
+@pytest.mark.parametrize("command", ["ls", "verify"])
+def test_run_in_a_store_without_runs_says_so(tmp_path: Path, command: str) -> None:
+    (tmp_path / "runs").mkdir()
+    result = invoke(command, str(tmp_path), "--run", "nosuch")
+    assert result.exit_code == EXIT_USAGE
+    assert "no run 'nosuch'" in error_line(result) and "the store has no runs" in result.output
+
+
+@pytest.mark.parametrize("command", ["ls", "verify"])
+@pytest.mark.parametrize("bad", ["../a", "a/b", "..", ".hidden", "", " ", "a\nb", "a\x85b", "x" * 300])
+def test_invalid_run_name_is_one_line_not_a_traceback(tmp_path: Path, command: str, bad: str) -> None:
+    two_runs(tmp_path)
+    result = invoke(command, str(tmp_path), "--run", bad)
+    assert result.exit_code == EXIT_USAGE
+    assert "--run" in error_line(result)
+
+
+@pytest.mark.parametrize("command", ["ls", "verify", "gc"])
+def test_folder_that_is_not_a_store_is_refused(tmp_path: Path, command: str) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / "notes.txt").write_text("not a store")
+    (other / ".tmp-mine").write_text("a user's file that gc must not remove")
+    for folder in (empty, other):
+        result = invoke(command, str(folder))
+        assert result.exit_code == EXIT_USAGE
+        line = error_line(result)
+        assert f"{folder} is not a mi-crow-store store" in line
+        assert "runs/" in line and "models/" in line and ".mi-crow-store.lock" in line
+        assert "verified" not in result.output
+    assert (other / ".tmp-mine").exists()
+    assert sorted(p.name for p in empty.iterdir()) == []  # nothing was created in it
+
+
+def test_a_symlinked_runs_folder_does_not_make_a_store(tmp_path: Path) -> None:
+    two_runs(tmp_path / "real")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "runs").symlink_to(tmp_path / "real" / "runs")
+    result = invoke("ls", str(tmp_path / "s"))
+    assert result.exit_code == EXIT_USAGE and "is not a mi-crow-store store" in error_line(result)
+
+
+def test_what_counts_as_a_store(tmp_path: Path) -> None:
+    lock_only = tmp_path / "lock-only"
+    lock_only.mkdir()
+    (lock_only / ".mi-crow-store.lock").touch()
+    models_only = tmp_path / "models-only"
+    LocalStore(models_only).put_model("sae", {"w": torch.ones(2)})
+    (models_only / ".mi-crow-store.lock").unlink()
+    runs_only = tmp_path / "runs-only"
+    (runs_only / "runs").mkdir(parents=True)
+
+    for store in (lock_only, runs_only):
+        listed = invoke("ls", str(store))
+        assert listed.exit_code == 0 and listed.stdout.splitlines()[-1] == "0 run(s), 0 batch(es), 0 tensor(s), 0 B"
+        # An empty store: not an error, but never "ok ... verified" either.
+        checked = invoke("verify", str(store))
+        assert checked.exit_code == 0
+        assert checked.stdout.splitlines() == [f"nothing to verify: the store at {store} has no runs and no models"]
+    only_models = invoke("verify", str(models_only))
+    assert only_models.exit_code == 0
+    assert only_models.stdout.splitlines()[-1] == "ok: all runs and models verified (0 run(s), 1 model(s))"
+    # Reads create nothing: no lock file, no runs folder.
+    assert not (models_only / ".mi-crow-store.lock").exists() and not (models_only / "runs").exists()
+    # The rule is written down in the help.
+    rule = invoke("--help").output
+    assert "A folder is a store when it holds" in rule and ".mi-crow-store.lock" in rule and "--runs-prefix" in rule
+
+
+def test_verify_names_what_it_verified(tmp_path: Path) -> None:
+    two_runs(tmp_path)
+    everything = invoke("verify", str(tmp_path))
+    assert everything.exit_code == 0
+    assert everything.stdout.splitlines()[-1] == "ok: all runs and models verified (2 run(s), 0 model(s))"
+    one = invoke("verify", str(tmp_path), "--run", "b", "--run", "b")
+    assert one.exit_code == 0 and one.stdout.splitlines()[-1] == "ok: b verified (1 run(s))"
+
+
+def test_store_with_other_prefixes(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, runs_prefix="my/runs", model_prefix="my-models")
+    store.put_run_batch("r", 3, {"x": torch.zeros(2, dtype=torch.int16)})
+    store.put_model("m", {"w": torch.ones(2)})
+    (tmp_path / ".mi-crow-store.lock").unlink()
+    assert "is not a mi-crow-store store" in error_line(invoke("ls", str(tmp_path)))
+    opts = ("--runs-prefix", "my/runs", "--model-prefix", "my-models")
+    listed = invoke("ls", str(tmp_path), *opts)
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.splitlines()[2].split() == ["r", "3", "(run", "batch)", "x", "[2]", "int16", "4", "B"]
+    checked = invoke("verify", str(tmp_path), *opts)
+    assert checked.exit_code == 0
+    assert checked.stdout.splitlines()[-1] == "ok: all runs and models verified (1 run(s), 1 model(s))"
+    # Only the runs prefix given: its folder alone makes it a store.
+    assert invoke("ls", str(tmp_path), "--runs-prefix", "my/runs").exit_code == 0
+    for bad in ("/abs", "../up", "a//b", ".hidden"):
+        refused = invoke("ls", str(tmp_path), "--runs-prefix", bad)
+        assert refused.exit_code == EXIT_USAGE and "runs_prefix" in error_line(refused)
+
+
+def test_store_whose_runs_live_at_its_top(tmp_path: Path) -> None:
+    # Fails until the core accepts runs_prefix="" (mi_crow 1.0 does).
+    store = LocalStore(tmp_path, runs_prefix="")
+    store.put_run_batch("r", 0, [torch.ones(3)])
+    listed = invoke("ls", str(tmp_path), "--runs-prefix", "")
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.splitlines()[-1] == "1 run(s), 1 batch(es), 1 tensor(s), 12 B"
+
+
+def damaged_store(root: Path) -> LocalStore:
+    """Six batches of run "r": 0 and 5 intact, 1-4 and 6 damaged in five different ways."""
+    store = LocalStore(root)
+    for i in range(6):
+        store.put_detector_metadata("r", i, {"i": i}, {"L": {"a": torch.ones(2, 3), "b": torch.zeros(4)}})
+    store.put_run_batch("r", 6, [torch.ones(3)])
+    store.put_run_batch("ok", 0, [torch.ones(5)])
+    batch = root / "runs" / "r"
+    (batch / "batch_1/L/a.safetensors").write_bytes(b"\x01\x02\x03")  # truncated
+    (batch / "batch_2/metadata.json").write_text('{"i": 2,')  # not JSON
+    (batch / "batch_3/metadata.json").write_text("[1, 2]")  # JSON, wrong shape
+    (batch / "batch_4/L/b.safetensors").unlink()  # listed, missing
+    (batch / "batch_000006.safetensors").write_bytes(b"\xff" * 20)  # header length past the end
+    return store
+
+
+def test_ls_marks_damaged_rows_and_goes_on(tmp_path: Path) -> None:
+    damaged_store(tmp_path)
+    result = invoke("ls", str(tmp_path))
+    assert result.exit_code == EXIT_DAMAGED == 1
+    rows = {tuple(line.split()[:4]): line for line in result.stdout.splitlines()[2:-2]}
+    assert "DAMAGED: " in rows["r", "1", "L", "a"] and "batch_1/L/a.safetensors" in rows["r", "1", "L", "a"]
+    assert rows["r", "1", "L", "b"].split()[4:] == ["[4]", "float32", "16", "B"]  # its intact neighbour
+    assert "DAMAGED: " in rows["r", "2", "-", "-"] and "batch_2/metadata.json" in rows["r", "2", "-", "-"]
+    assert "DAMAGED: " in rows["r", "3", "-", "-"] and "batch_3/metadata.json" in rows["r", "3", "-", "-"]
+    assert "DAMAGED: " in rows["r", "4", "L", "b"] and "missing" in rows["r", "4", "L", "b"]
+    assert "DAMAGED: " in rows["r", "6", "(run", "batch)"]
+    for intact in ("0", "5"):
+        assert rows["r", intact, "L", "a"].split()[4:] == ["[2,", "3]", "float32", "24", "B"]
+    assert rows["ok", "0", "(run", "batch)"].split()[4:] == ["item_0", "[5]", "float32", "20", "B"]
+    lines = result.stdout.splitlines()
+    assert lines[-2] == "2 run(s), 8 batch(es), 7 tensor(s), 140 B"
+    assert lines[-1].startswith("5 damaged entries;")
+    # The undamaged run alone is fine.
+    assert invoke("ls", str(tmp_path), "--run", "ok").exit_code == 0
+
+
+def test_describe_returns_damaged_rows(tmp_path: Path) -> None:
+    store = damaged_store(tmp_path)
+    rows = describe(store, ["r"])
+    damaged = [(r.batch, r.layer, r.key) for r in rows if r.damaged is not None]
+    assert damaged == [("1", "L", "a"), ("2", "-", "-"), ("3", "-", "-"), ("4", "L", "b"), ("6", "(run batch)", "-")]
+
+
+def test_ls_prints_stored_names_on_one_line(tmp_path: Path) -> None:
+    LocalStore(tmp_path).put_run_batch("r", 0, {"a\nb": torch.ones(1), "tab\there": torch.ones(2)})
+    result = invoke("ls", str(tmp_path))
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 5
+    assert "'a\\nb'" in result.stdout and "'tab\\there'" in result.stdout
+
+
+def plant_outside_secret(tmp_path: Path) -> Path:
+    """A real tensor file outside the store, of a shape nothing in the store has."""
+    outside = tmp_path / "outside"
+    LocalStore(outside).put_tensor("secret.safetensors", torch.ones(7, 13))
+    return outside / "secret.safetensors"
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        {"../../../../outside": ["secret"]},  # runs/r/batch_0/../../../../outside/secret.safetensors
+        {"L": ["../../../../../outside/secret"]},  # runs/r/batch_0/L/../../../../../outside/secret.safetensors
+        {"..": ["../../../outside/secret"]},
+        {"L": ["activations"], "../../../../outside": ["secret"]},  # one good layer does not vouch for the rest
+    ],
+)
+def test_ls_never_follows_stored_names_out_of_the_store(tmp_path: Path, names: dict[str, list[str]]) -> None:
+    import json
+
+    secret = plant_outside_secret(tmp_path)
+    root = tmp_path / "s"
+    store = LocalStore(root)
+    store.put_detector_metadata("r", 0, {}, {"L": {"activations": torch.ones(2)}})
+    meta = root / "runs/r/batch_0/metadata.json"
+    meta.write_text(json.dumps({"_tensor_metadata_names": names}))
+    # The planted names do reach the secret if followed (so the test would catch a leak).
+    layer, keys = next((k, v) for k, v in names.items() if k != "L" or v != ["activations"])
+    assert (root / "runs/r/batch_0" / layer / f"{keys[0]}.safetensors").resolve() == secret.resolve()
+
+    result = invoke("ls", str(root))
+    assert result.exit_code == EXIT_DAMAGED
+    assert "[7, 13]" not in result.output and "7, 13" not in result.output
+    assert "DAMAGED: " in result.output and "metadata.json" in result.output
+    assert result.stdout.splitlines()[-1] == "1 damaged entry; `mi-crow-store verify " + str(root) + "` checks all"
+    checked = invoke("verify", str(root))
+    assert checked.exit_code == EXIT_DAMAGED
+    assert f"CORRUPT {meta}: " in checked.stdout and "7, 13" not in checked.output
+
+
+def test_ls_does_not_follow_a_linked_tensor_file(tmp_path: Path) -> None:
+    # Fails until the core refuses links inside the store too (today only links leading outside are refused).
+    root = tmp_path / "s"
+    store = LocalStore(root)
+    store.put_detector_metadata("r", 0, {}, {"L": {"a": torch.ones(2), "b": torch.ones(7, 13)}})
+    a = root / "runs/r/batch_0/L/a.safetensors"
+    a.unlink()
+    a.symlink_to(root / "runs/r/batch_0/L/b.safetensors")
+    result = invoke("ls", str(root))
+    assert result.exit_code == EXIT_DAMAGED
+    row = next(line for line in result.stdout.splitlines() if line.split()[:4] == ["r", "0", "L", "a"])
+    assert "DAMAGED: " in row and "7, 13" not in row
+
+
+def test_verify_reports_a_store_error_per_run_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = two_runs(tmp_path)
+    store.put_model("m", {"w": torch.ones(2)})
+    real_check = LocalStore.check
+
+    def check(self: LocalStore, run_ids: list[str] | None = None) -> list[object]:
+        if run_ids is None or "a" in run_ids:
+            raise OSError(5, "Input/output error", str(tmp_path / "runs/a"))
+        return list(real_check(self, run_ids))
+
+    monkeypatch.setattr(LocalStore, "check", check)
+    (tmp_path / "runs/b/batch_000000.safetensors").write_bytes(b"\x00" * 3)
+    result = invoke("verify", str(tmp_path))
+    assert result.exit_code == EXIT_DAMAGED
+    assert f"ERROR run 'a' could not be checked: [Errno 5] Input/output error: '{tmp_path}/runs/a'" in result.stdout
+    assert f"CORRUPT {tmp_path}/runs/b/batch_000000.safetensors: " in result.stdout
+    assert result.stdout.splitlines()[-1] == "1 damaged file(s) in all runs and models; 1 part(s) could not be checked"
+    assert "ok" not in result.stdout.split()
+    only = invoke("verify", str(tmp_path), "--run", "a")
+    assert only.exit_code == EXIT_DAMAGED and "ERROR run 'a' could not be checked" in only.stdout
+
+
+def test_verify_reports_a_store_error_in_the_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    two_runs(tmp_path)
+    real_check = LocalStore.check
+
+    def check(self: LocalStore, run_ids: list[str] | None = None) -> list[object]:
+        if run_ids is None:
+            raise ValueError("models/m/metadata.json is damaged")
+        return list(real_check(self, run_ids))
+
+    monkeypatch.setattr(LocalStore, "check", check)
+    result = invoke("verify", str(tmp_path))
+    assert result.exit_code == EXIT_DAMAGED
+    assert "ERROR models could not be checked: models/m/metadata.json is damaged" in result.stdout
+
+
+def test_keyboard_interrupt_and_bugs_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    two_runs(tmp_path)
+
+    def interrupted(self: LocalStore, run_ids: list[str] | None = None) -> list[object]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalStore, "check", interrupted)
+    result = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert result.exit_code == 1 and "Aborted!" in result.output and "ERROR" not in result.output
+
+    def bug(self: LocalStore) -> list[str]:
+        raise RuntimeError("a bug in the store")
+
+    monkeypatch.setattr(LocalStore, "list_runs", bug)
+    result = CliRunner().invoke(main, ["ls", str(tmp_path)])
+    assert isinstance(result.exception, RuntimeError)  # a real bug keeps its traceback
+
+
+@pytest.mark.parametrize("command", ["ls", "verify"])
+def test_store_errors_anywhere_become_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    two_runs(tmp_path)
+
+    def denied(self: LocalStore) -> list[str]:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "runs"))
+
+    monkeypatch.setattr(LocalStore, "list_runs", denied)
+    result = invoke(command, str(tmp_path))
+    assert result.exit_code == 1
+    denial = f"[Errno 13] Permission denied: '{tmp_path}/runs'"
+    if command == "ls":
+        assert error_line(result) == f"Error: {denial}"
+    else:  # check() may report it as a damaged entry itself; either way one line names it, and no "ok"
+        assert denial in result.output and "ok" not in result.output.split()
+        assert all(line.startswith(("Error: ", "CORRUPT ", "1 damaged")) for line in result.output.splitlines())
+
+
+def test_verify_leftovers_do_not_follow_links(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    LocalStore(root).put_run_batch("r", 0, [torch.ones(2)])
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / ".stage-theirs").mkdir(parents=True)
+    (elsewhere / ".tmp-theirs").write_bytes(b"x")
+    (root / "runs/r/link").symlink_to(elsewhere)
+    (root / "runs/loop").symlink_to(root)  # a cycle: must not hang or recurse
+    (root / "runs/r/.tmp-ours").write_bytes(b"y")
+    (root / "runs/r/.stage-ours/L").mkdir(parents=True)
+    (root / "runs/r/.stage-ours/L/.tmp-inner").write_bytes(b"z")  # inside a leftover: counted with it
+    result = invoke("verify", str(root))
+    assert result.exit_code == 0, result.output
+    assert "2 leftover(s) of interrupted writes" in result.stdout
+    assert result.stdout.splitlines()[-1] == "ok: all runs and models verified (1 run(s), 0 model(s))"
+
+
+def test_ls_and_verify_do_not_block_on_a_fifo(tmp_path: Path) -> None:
+    # A subprocess with a time limit: a reader that opens the FIFO would block for ever.
+    # Fails (times out) until the core refuses non-regular files at once.
+    store = LocalStore(tmp_path)
+    store.put_detector_metadata("r", 0, {}, {"L": {"a": torch.ones(2), "b": torch.ones(3)}})
+    fifo = tmp_path / "runs/r/batch_0/L/a.safetensors"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    for command in ("ls", "verify"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mi_crow.store", command, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert proc.returncode == EXIT_DAMAGED, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert ("DAMAGED: " if command == "ls" else f"CORRUPT {fifo}") in proc.stdout

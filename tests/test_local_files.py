@@ -6,6 +6,7 @@ import ctypes
 import errno
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -16,8 +17,9 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from mi_crow.store import LocalStore
+from mi_crow.store import CorruptFileError, LocalStore
 from mi_crow.store import _atomic as atomic
+from mi_crow.store._tensor_file import DTYPE_TO_CODE
 from mi_crow.store.testing import all_dtypes, sample_tensor
 from mi_crow.store.testing.store_tests import assert_same
 
@@ -64,9 +66,25 @@ def test_custom_prefixes(tmp_path: Path) -> None:
     assert store.put_run_metadata("r", {}) == "exp/acts/r/meta.json"
     assert store.put_model("m", {"w": torch.ones(1)}) == "saes/m"
     assert (tmp_path / "exp/acts/r/meta.json").is_file() and (tmp_path / "saes/m/model.safetensors").is_file()
-    for bad in ("", "/abs", "../up", "a/../b", ".hidden"):
+    for bad in ("/abs", "../up", "a/../b", ".hidden", "a//b", "x" * 1100):
         with pytest.raises(ValueError, match="runs_prefix"):
             LocalStore(tmp_path, runs_prefix=bad)
+
+
+def test_empty_prefixes_put_runs_and_models_at_the_top(tmp_path: Path) -> None:
+    """mi_crow 1.0 accepts empty prefixes; runs (or models) then live directly under base_path."""
+    store = LocalStore(tmp_path, runs_prefix="", dataset_prefix="")
+    assert store.put_run_metadata("r", {"a": 1}) == "r/meta.json"
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(2)}})
+    store.put_model("m", {"w": torch.ones(1)})
+    assert (tmp_path / "r/meta.json").is_file() and (tmp_path / "r/batch_0/l/k.safetensors").is_file()
+    assert store.list_runs() == ["r"]  # models/ is the model prefix, not a run
+    assert store.list_models() == ["m"] and store.check() == []
+    assert store._run_key("r") == tmp_path / "r"
+    models_at_top = LocalStore(tmp_path / "t", model_prefix="")
+    models_at_top.put_model("m", {"w": torch.ones(1)})
+    models_at_top.put_run_metadata("r", {})
+    assert models_at_top.list_models() == ["m"] and models_at_top.list_runs() == ["r"]
 
 
 def test_default_base_path_is_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,15 +96,34 @@ def test_default_base_path_is_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert store.get_run_metadata("r") == {"a": 1}
 
 
+def expected_tensor_file(t: torch.Tensor, metadata_json: bytes) -> bytes:
+    """The exact bytes of a per-batch tensor file, built independently of the store: a safetensors
+    file whose ``__metadata__`` holds the CRC-32 of the batch's metadata.json, of the data, and of
+    the header's interpreted values (``[sorted metadata items, [[name, dtype, shape, begin, end]]]``)."""
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    code = DTYPE_TO_CODE[t.dtype]
+    meta = {
+        "mi_crow_store.metadata_crc32": f"{zlib.crc32(metadata_json):08x}",
+        "mi_crow_store.crc32": json.dumps({"tensor": f"{zlib.crc32(data):08x}"}, separators=(",", ":")),
+    }
+    canon = json.dumps([sorted(meta.items()), [["tensor", code, list(t.shape), 0, len(data)]]], separators=(",", ":"))
+    meta["mi_crow_store.header_crc32"] = f"{zlib.crc32(canon.encode()):08x}"
+    entry = {"dtype": code, "shape": list(t.shape), "data_offsets": [0, len(data)]}
+    head = json.dumps({"__metadata__": meta, "tensor": entry}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + data
+
+
 @pytest.mark.parametrize("dtype", all_dtypes(), ids=str)
-def test_single_tensor_files_are_byte_identical_to_safetensors(store: LocalStore, dtype: torch.dtype) -> None:
+def test_single_tensor_files_have_the_pinned_layout_and_load_with_safetensors(
+    store: LocalStore, dtype: torch.dtype
+) -> None:
     for i, shape in enumerate([(), (0,), (3, 5), (2, 1, 4)]):
         t = sample_tensor(dtype, shape, i)
         store.put_detector_metadata("r", i, {}, {"l": {"k": t}})
         path = store.base_path / f"runs/r/batch_{i}/l/k.safetensors"
-        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0
-        expected = st.save({"tensor": t}, metadata={"mi_crow_store.crc32": f'{{"tensor":"{crc:08x}"}}'})
-        assert path.read_bytes() == expected
+        metadata_json = (store.base_path / f"runs/r/batch_{i}/metadata.json").read_bytes()
+        assert path.read_bytes() == expected_tensor_file(t, metadata_json)
         assert_same(st.load_file(path)["tensor"], t)
 
 
@@ -96,8 +133,8 @@ def test_large_tensor_checksum_computed_while_writing(store: LocalStore, dtype: 
     t = sample_tensor(dtype, (6 << 20,), 7)  # 6-48 MiB
     store.put_detector_metadata("r", 0, {}, {"l": {"k": t}})
     path = store.base_path / "runs/r/batch_0/l/k.safetensors"
-    crc = zlib.crc32(t.view(torch.uint8).numpy())
-    assert path.read_bytes() == st.save({"tensor": t}, metadata={"mi_crow_store.crc32": f'{{"tensor":"{crc:08x}"}}'})
+    metadata_json = (store.base_path / "runs/r/batch_0/metadata.json").read_bytes()
+    assert path.read_bytes() == expected_tensor_file(t, metadata_json)
     assert store.check() == []
 
 
@@ -168,12 +205,12 @@ def test_failed_write_leaves_earlier_state(store: LocalStore, monkeypatch: pytes
     real = atomic.create_file
     calls = 0
 
-    def failing(path: str, parts: object, *, durable: bool) -> None:
+    def failing(dir_fd: int, name: str, parts: object, *, durable: bool, where: str) -> None:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise OSError(28, "No space left on device (simulated)")
-        real(path, parts, durable=durable)  # type: ignore[arg-type]
+        real(dir_fd, name, parts, durable=durable, where=where)  # type: ignore[arg-type]
 
     monkeypatch.setattr(atomic, "create_file", failing)
     for attempt in (
@@ -207,15 +244,28 @@ def test_symlink_planted_in_store_is_not_followed(tmp_path: Path) -> None:
         lambda: store.put_run_batch("evil", 0, []),
         lambda: store.get_run_batch("evil", 0),
         lambda: store.list_run_batches("evil"),
-        lambda: store.delete_run("evil"),
         lambda: store.put_run_detector_metadata("evil", {}, t),
         lambda: list(store.iter_run_detector_metadata("evil")),
     ):
-        with pytest.raises(ValueError, match="outside the store"):
+        with pytest.raises(CorruptFileError, match=r"runs/evil: is a symbolic link"):
             call()
+    assert store.list_runs() == []  # a link is not a run
+    problems = store.check(["evil"])
+    assert problems and all("symbolic link" in p.problem for p in problems)
+    store.delete_run("evil")  # removes the link itself, never what it points to
+    assert not (tmp_path / "s/runs/evil").exists() and not (tmp_path / "s/runs/evil").is_symlink()
     assert sorted(p.name for p in outside.iterdir()) == ["batch_0", "meta.json"]
     assert (outside / "meta.json").read_text() == '{"secret": 1}'
-    assert store.list_runs() == []  # a link is not a run
+
+
+def test_symlink_pointing_inside_the_store_is_not_followed_either(store: LocalStore) -> None:
+    store.put_run_metadata("real", {"v": 1})
+    (store.base_path / "runs/alias").symlink_to(store.base_path / "runs/real")
+    with pytest.raises(CorruptFileError, match="symbolic link"):
+        store.get_run_metadata("alias")
+    with pytest.raises(CorruptFileError, match="symbolic link"):
+        store.put_run_metadata("alias", {"v": 2})
+    assert store.get_run_metadata("real") == {"v": 1} and store.list_runs() == ["real"]
 
 
 def test_symlink_inside_an_entry_is_refused(store: LocalStore, tmp_path: Path) -> None:
@@ -225,15 +275,18 @@ def test_symlink_inside_an_entry_is_refused(store: LocalStore, tmp_path: Path) -
     target = store.base_path / "runs/r/batch_0/l/k.safetensors"
     target.unlink()
     target.symlink_to(secret)
-    with pytest.raises(ValueError, match="symbolic link"):
+    with pytest.raises(CorruptFileError, match="symbolic link"):
         store.get_detector_metadata("r", 0)
+    with pytest.raises(CorruptFileError, match="symbolic link"):
+        store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k")
+    assert [p.path for p in store.check()] == [str(target)]
 
 
 def test_damaged_files_raise_naming_the_file(store: LocalStore) -> None:
     store.put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(1000)}})
     path = store.base_path / "runs/r/batch_0/l/k.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(OSError, match=r"truncated.*k\.safetensors"):
+    with pytest.raises(CorruptFileError, match=r"k\.safetensors: truncated"):
         store.get_detector_metadata("r", 0)
     with pytest.raises(OSError, match=r"k\.safetensors"):
         store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k")
@@ -396,12 +449,12 @@ def test_overwrite_without_rename_exchange(store: LocalStore, monkeypatch: pytes
     real_rename = os.rename
     stage_renames = []
 
-    def failing(src: str, dst: str) -> None:
+    def failing(src: str, dst: str, **dir_fds: int) -> None:
         if os.path.basename(src).startswith(".stage-"):
             stage_renames.append(src)
             if len(stage_renames) == 2:  # the first fails by itself (ENOTEMPTY); then the old is moved aside
                 raise OSError(5, "Input/output error (simulated)")
-        real_rename(src, dst)
+        real_rename(src, dst, **dir_fds)
 
     monkeypatch.setattr(os, "rename", failing)
     with pytest.raises(OSError, match="simulated"):
@@ -459,7 +512,7 @@ def test_preallocate_reports_real_errors_and_skips_unsupported(
 
 FSIZE_CHILD = r"""
 import resource, signal, sys, torch
-from mi_crow.store import LocalStore
+from mi_crow.store import CorruptFileError, LocalStore
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 store = LocalStore(sys.argv[1])

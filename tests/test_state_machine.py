@@ -69,7 +69,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(run=RUNS, i=INDICES)
     def rejected_put(self, run: str, i: int) -> None:
         with pytest.raises(ValueError):
-            self.store.put_detector_metadata(run, i, {"loss": float("nan")}, {"x": {"activations": tensor(0)}})
+            self.store.put_detector_metadata(run, i, {"loss": object()}, {"x": {"activations": tensor(0)}})
         with pytest.raises(ValueError):
             self.store.put_run_detector_metadata(run, {}, {"x": {"k": "not a tensor"}})  # type: ignore[dict-item]
 

@@ -7,9 +7,9 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from mi_crow.store._layout import LayoutStore, Problem
-from mi_crow.store._tensor_file import CorruptFileError
 from mi_crow.store.activation_dataset import ActivationDataset
 from mi_crow.store.capture import ActivationCapture
+from mi_crow.store.errors import CorruptFileError, CorruptMetadataError, InvalidJSONError, StoreError
 from mi_crow.store.local_store import GcReport, LocalStore
 from mi_crow.store.memory_store import MemoryStore
 from mi_crow.store.store import Store, TensorMetadata
@@ -24,13 +24,16 @@ __all__ = [
     "ActivationCapture",
     "ActivationDataset",
     "CorruptFileError",
+    "CorruptMetadataError",
     "GcReport",
+    "InvalidJSONError",
     "LayoutStore",
     "LocalStore",
     "MemoryStore",
     "Problem",
     "Store",
     "StoreDataloader",
+    "StoreError",
     "TensorMetadata",
     "__version__",
 ]

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import os
 import uuid
 from collections.abc import Sequence
@@ -28,11 +29,15 @@ TMP_PREFIX = ".tmp-"
 STAGE_PREFIX = ".stage-"
 TRASH_PREFIX = ".trash-"
 
-_AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 # Linux caps one write() at 0x7ffff000 bytes; stay below it.
 _MAX_WRITE = 1 << 30
+# pwritev takes at most IOV_MAX buffers (1024 on Linux) per call.
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (AttributeError, OSError, ValueError):  # pragma: no cover - no sysconf
+    _IOV_MAX = 1024
 
 _libc: ctypes.CDLL | None
 try:
@@ -57,12 +62,14 @@ def unique_name(prefix: str) -> str:
 
 def write_all(fd: int, parts: Sequence[Buffer], offset: int = 0) -> int:
     """Write the buffers at ``offset`` of ``fd``, in order, in as few ``pwritev`` calls as the
-    kernel allows (looping over short writes); return the byte count."""
+    kernel allows (at most ~1 GiB and ``IOV_MAX`` buffers each, looping over short writes);
+    return the byte count."""
     views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
     total = 0
-    while views:
+    first = 0  # views[first:] are still to be written
+    while first < len(views):
         batch, size = [], 0
-        for v in views:  # at most ~1 GiB per call: Linux caps one write at 0x7ffff000 bytes
+        for v in itertools.islice(views, first, first + _IOV_MAX):
             if size and size + len(v) > _MAX_WRITE:
                 break
             batch.append(v[: _MAX_WRITE - size])
@@ -70,26 +77,27 @@ def write_all(fd: int, parts: Sequence[Buffer], offset: int = 0) -> int:
         done = os.pwritev(fd, batch, offset)
         offset += done
         total += done
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views.pop(0)
+        while first < len(views) and done >= len(views[first]):
+            done -= len(views[first])
+            first += 1
         if done:
-            views[0] = views[0][done:]
+            views[first] = views[first][done:]
     return total
 
 
-def create_file(path: str, payload: Payload, *, durable: bool) -> None:
-    """Create ``path`` (which must not exist) holding ``payload``; fsync it if ``durable``.
+def create_file(dir_fd: int, name: str, payload: Payload, *, durable: bool, where: str) -> None:
+    """Create file ``name`` in directory ``dir_fd`` (it must not exist) holding ``payload``; fsync it
+    if ``durable``. ``where`` names the file in errors.
 
     A head already known goes out with the data in one vectored write. A head still being
     computed (checksums) is computed while the data is written at its offset, then written
     at the start of the file.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
     try:
         size = payload.nbytes()
         if size >= FALLOCATE_MIN:
-            preallocate(fd, size, path)
+            preallocate(fd, size, where)
         if payload.head_ready():
             write_all(fd, payload.buffers())
         else:
@@ -111,21 +119,17 @@ def preallocate(fd: int, size: int, path: str) -> None:
         raise OSError(err, os.strerror(err), path)
 
 
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory ``path`` (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def fsync_dir(dir_fd: int) -> None:
+    """Make the entries of the directory open as ``dir_fd`` (creations, renames) durable."""
+    os.fsync(dir_fd)
 
 
-def _rename2(src: str, dst: str, flags: int) -> bool:
-    """``renameat2``; ``False`` if the kernel or file system does not support ``flags``."""
+def _rename2(dir_fd: int, src: str, dst: str, flags: int) -> bool:
+    """``renameat2`` within ``dir_fd``; ``False`` if the kernel or file system does not support ``flags``."""
     global _renameat2_works
     if not _renameat2_works or _renameat2 is None:
         return False
-    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+    if _renameat2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
@@ -134,16 +138,15 @@ def _rename2(src: str, dst: str, flags: int) -> bool:
     raise OSError(err, os.strerror(err), src, None, dst)
 
 
-def rename_noreplace(src: str, dst: str) -> bool:
-    """Atomically move file ``src`` to ``dst`` unless ``dst`` exists; ``False`` if it did.
-
-    ``src`` is gone afterwards either way.
+def rename_noreplace(dir_fd: int, src: str, dst: str) -> bool:
+    """Atomically move file ``src`` to ``dst`` (both in ``dir_fd``) unless ``dst`` exists; ``False`` if
+    it did. ``src`` is gone afterwards either way.
     """
     try:
-        if _rename2(src, dst, _RENAME_NOREPLACE):
+        if _rename2(dir_fd, src, dst, _RENAME_NOREPLACE):
             return True
         try:
-            os.link(src, dst)
+            os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
             return False
         return True
@@ -151,11 +154,12 @@ def rename_noreplace(src: str, dst: str) -> bool:
         return False
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(src)
+            os.unlink(src, dir_fd=dir_fd)
 
 
-def replace_dir(src: str, dst: str) -> str | None:
-    """Put directory ``src`` at ``dst`` in one step; return where the old ``dst`` went, if any.
+def replace_dir(dir_fd: int, src: str, dst: str) -> str | None:
+    """Put directory ``src`` at ``dst`` (both in ``dir_fd``) in one step; return the name the old
+    ``dst`` went to, if any.
 
     If ``dst`` is absent, a plain rename. Otherwise the two are exchanged atomically
     (``src`` then holds the old version, for the caller to delete). Without
@@ -163,19 +167,19 @@ def replace_dir(src: str, dst: str) -> str | None:
     which ``dst`` is absent but never mixed.
     """
     try:
-        os.rename(src, dst)
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return None
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
             raise
-    if _rename2(src, dst, _RENAME_EXCHANGE):
+    if _rename2(dir_fd, src, dst, _RENAME_EXCHANGE):
         return src
-    aside = os.path.join(os.path.dirname(dst), unique_name(TRASH_PREFIX))
-    os.rename(dst, aside)
+    aside = unique_name(TRASH_PREFIX)
+    os.rename(dst, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     try:
-        os.rename(src, dst)
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.rename(aside, dst)  # put the committed version back rather than leave it as trash
+            os.rename(aside, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # put the committed version back
         raise
     return aside

@@ -24,7 +24,9 @@ import torch
 
 from mi_crow.store import _json
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._names import check_batch_index, check_name, check_relpath
+from mi_crow.store._names import check_batch_index, check_layer, check_name, check_prefix, check_relpath
+from mi_crow.store.errors import CorruptFileError, CorruptMetadataError, InvalidJSONError
+from mi_crow.store.limits import MAX_JSON_BYTES
 from mi_crow.store.store import RunBatch, Store, TensorMetadata
 
 Payload = tf.Payload
@@ -36,9 +38,27 @@ EMPTY_LIST_NAME = "_empty_list"
 KIND_FIELD = "mi_crow_store.kind"  # "list" or "dict", in a run batch file's __metadata__
 ENTRY_FIELD = "mi_crow_store.entry"  # JSON of one run-level append, in its __metadata__
 ENTRIES_DIR = ".entries"  # our append log under runs/{run}/detectors
-ENTRY_DIGITS = 12
+ENTRY_DIGITS = 12  # entry numbers are zero-padded to 12 digits; larger ones simply have more
+# In every tensor file of a batch or model: the CRC-32 of that entry's metadata.json bytes, so that
+# `check()` and verified reads also cover the JSON that lists the entry's tensors.
+METADATA_CRC_FIELD = "mi_crow_store.metadata_crc32"
+METADATA_FILE = "metadata.json"  # a batch's (and a model's) metadata; no layer may take this name
+MODEL_FILE = "model.safetensors"
+RUN_METADATA_FILE = "meta.json"
+DETECTORS_DIR = "detectors"
 
-_ENTRY_FILE = re.compile(rf"([0-9]{{{ENTRY_DIGITS}}})\.safetensors")
+_ENTRY_FILE = re.compile(rf"(0[0-9]{{{ENTRY_DIGITS - 1}}}|[1-9][0-9]{{{ENTRY_DIGITS - 1},}})\.safetensors")
+
+
+def _entry_number(name: str) -> int | None:
+    """The number of an append-log file ``{n:012d}.safetensors`` (12 digits or more), else ``None``."""
+    m = _ENTRY_FILE.fullmatch(name)
+    return int(m.group(1)) if m and m.group(1).isascii() else None
+
+
+def _join(prefix: str, name: str) -> str:
+    """``prefix/name``; just ``name`` for the empty prefix (mi_crow 1.0 allows ``runs_prefix=""``)."""
+    return f"{prefix}/{name}" if prefix else name
 
 
 def _batch_index(name: str, is_dir: bool) -> int | None:
@@ -83,13 +103,13 @@ class DirReader(Protocol):
         """
         ...
 
+    def list(self, rel: str) -> list[tuple[str, bool]]:
+        """``(name, is_dir)`` of the entries of subdirectory ``rel`` (``""``: this one); ``[]`` if missing."""
+        ...
+
     def moved(self) -> bool:
         """Whether the directory was replaced or removed since it was opened."""
         ...
-
-
-class _Retry(Exception):
-    """A read saw its directory replaced under it; start again."""
 
 
 class LayoutStore(Store):
@@ -108,6 +128,7 @@ class LayoutStore(Store):
         *,
         verify: bool = False,
         checksums: bool = True,
+        allow_nan: bool = True,
     ):
         """Initialize the store.
 
@@ -121,16 +142,20 @@ class LayoutStore(Store):
             checksums: Record the CRC-32 of every tensor written (computed on a helper thread
                 while the data is written), for ``verify``, ``check()`` and
                 ``mi-crow-store verify``. False writes plain safetensors files without them.
+            allow_nan: Accept NaN and ±Infinity in metadata and write them as Python's ``json``
+                (and mi_crow 1.0) does (``NaN``, ``Infinity``); False writes strict JSON and
+                refuses them with ``ValueError``.
         """
         for what, prefix in (
             ("runs_prefix", runs_prefix),
             ("dataset_prefix", dataset_prefix),
             ("model_prefix", model_prefix),
         ):
-            check_relpath(prefix, what)
+            check_prefix(prefix, what)
         super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix)
         self.verify_reads = verify
         self.checksums = checksums
+        self.allow_nan = allow_nan
         # Tensors of at least this many bytes come back memory-mapped (backends with real files).
         self._mmap_min: int | None = None
         self._append_lock = threading.Lock()
@@ -192,7 +217,7 @@ class LayoutStore(Store):
     # ------------------------------------------------------------------ keys
 
     def _run_dir(self, run_id: str) -> str:
-        return f"{self.runs_prefix}/{check_name(run_id, 'run_id')}"
+        return _join(self.runs_prefix, check_name(run_id, "run_id"))
 
     def _batch_dir(self, run_id: str, batch_index: int) -> str:
         return f"{self._run_dir(run_id)}/batch_{batch_index}"
@@ -201,13 +226,60 @@ class LayoutStore(Store):
         return f"{self._run_dir(run_id)}/batch_{batch_index:06d}.safetensors"
 
     def _model_dir(self, model_id: str) -> str:
-        return f"{self.model_prefix}/{check_name(model_id, 'model_id')}"
+        return _join(self.model_prefix, check_name(model_id, "model_id"))
+
+    def _run_metadata_file(self, run_id: str) -> str:
+        return f"{self._run_dir(run_id)}/{RUN_METADATA_FILE}"
+
+    def _detectors_dir(self, run_id: str) -> str:
+        return f"{self._run_dir(run_id)}/{DETECTORS_DIR}"
+
+    # mi_crow 1.0's own library calls these private helpers of its Store (its SaeTrainer saves a
+    # training run's model.pt, history.json and snapshots/ under ``_run_key(run_id)``); they
+    # return what mi_crow 1.0 returns. Files put there are not the store's: they are never
+    # listed as batches, not checked, not touched by gc, and removed with the run.
+
+    def _run_key(self, run_id: str) -> Path:
+        """mi_crow 1.0's path of a run's folder: ``base_path / runs_prefix / run_id``."""
+        return self.base_path / self._run_dir(run_id)
+
+    def _run_batch_key(self, run_id: str, batch_index: int) -> Path:
+        """mi_crow 1.0's path of a batch's folder: ``base_path / runs_prefix / run_id / batch_{i}``."""
+        return self.base_path / self._batch_dir(run_id, check_batch_index(batch_index))
+
+    def _run_metadata_key(self, run_id: str) -> Path:
+        """mi_crow 1.0's path of a run's metadata: ``base_path / runs_prefix / run_id / meta.json``."""
+        return self.base_path / self._run_metadata_file(run_id)
+
+    def _top_names(self, prefix: str) -> set[str]:
+        """Names at the top of ``base_path`` that belong to the other prefixes, when ``prefix`` is
+        empty (runs or models then live directly under ``base_path``)."""
+        if prefix:
+            return set()
+        others = (self.runs_prefix, self.model_prefix, self.dataset_prefix)
+        return {p.split("/")[0] for p in others if p}
 
     # ------------------------------------------------------------------ helpers
 
     def _read_bytes(self, key: str) -> bytes:
         with self._open(key) as f:
             return f.read()
+
+    @staticmethod
+    def _read_json_bytes(f: BinaryIO, where: str) -> bytes:
+        """The bytes of the JSON file open as ``f``, refused before reading if over ``MAX_JSON_BYTES``."""
+        size = f.seek(0, 2)
+        if size > MAX_JSON_BYTES:
+            raise InvalidJSONError(where, f"{size:,} bytes of JSON; at most {MAX_JSON_BYTES:,} are read")
+        f.seek(0)
+        return f.read(MAX_JSON_BYTES + 1)
+
+    def _metadata(self, meta: Any, what: str, reserved: Sequence[str] = ()) -> dict[str, Any]:
+        """Check the caller's metadata by this store's JSON rules (``allow_nan``)."""
+        return _json.check(meta, what, reserved=reserved, allow_nan=self.allow_nan)
+
+    def _dumps(self, obj: Any, what: str = "metadata") -> bytes:
+        return _json.dumps(obj, allow_nan=self.allow_nan, what=what)
 
     def _encode(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Payload:
         return tf.encode(tensors, metadata, checksums=self.checksums)
@@ -221,8 +293,18 @@ class LayoutStore(Store):
         return tf.read_all(f, where, verify=self.verify_reads, mmap_min=self._mmap_min)
 
     def _read_json(self, key: str) -> Any:
-        """Parse the JSON file ``key``; ``FileNotFoundError`` if it is missing."""
-        return _json.loads(self._read_bytes(key), self._where(key))
+        """Parse the JSON file ``key``; ``FileNotFoundError`` if it is missing, ``InvalidJSONError``
+        if it is larger than ``MAX_JSON_BYTES`` (checked before reading) or not valid JSON."""
+        where = self._where(key)
+        with self._open(key) as f:
+            return _json.loads(self._read_json_bytes(f, where), where)
+
+    def _read_json_object(self, key: str) -> dict[str, Any]:
+        """:meth:`_read_json` for a file that must hold a JSON object (``CorruptMetadataError`` otherwise)."""
+        doc = self._read_json(key)
+        if not isinstance(doc, dict):
+            raise CorruptMetadataError(self._where(key), f"must hold a JSON object, holds a {_json_type(doc)}")
+        return doc
 
     def _consistent_read(self, key: str, read: Callable[[DirReader], T], missing: T) -> T:
         """Run ``read`` on directory ``key``; ``missing`` if that directory does not exist.
@@ -258,8 +340,10 @@ class LayoutStore(Store):
             )
         prepared: dict[str, dict[str, torch.Tensor]] = {}
         names: dict[str, list[str]] = {}
-        for layer, tensors in tensor_metadata.items():
-            check_name(layer, "layer signature")
+        for raw_layer, tensors in tensor_metadata.items():
+            layer = check_layer(raw_layer)
+            if layer in prepared:
+                raise ValueError(f"tensor_metadata has the layer {raw_layer!r} twice (as an int and as a str)")
             if not isinstance(tensors, Mapping):
                 raise ValueError(
                     f"tensor_metadata[{layer!r}] must be a dict of {{key: tensor}}, got {type(tensors).__name__}"
@@ -287,17 +371,22 @@ class LayoutStore(Store):
         return out
 
     def _read_names_field(self, names: Any, where: str) -> dict[str, list[str]]:
-        """Validate a ``{layer: [key, ...]}`` map read from a file before using it in paths."""
+        """Validate a ``{layer: [key, ...]}`` map read from a file before using it in paths.
+
+        Raises:
+            CorruptMetadataError: (a ``ValueError``) if it is not such a map or holds a name the
+                store would refuse (``../x``, a control character...).
+        """
         if not isinstance(names, dict):
-            raise ValueError(f"{TENSOR_NAMES_FIELD} in {where} must be a JSON object, got {type(names).__name__}")
+            raise CorruptMetadataError(where, f"{TENSOR_NAMES_FIELD} must be a JSON object, got {_json_type(names)}")
         out: dict[str, list[str]] = {}
         for layer, keys in names.items():
             if not isinstance(keys, list):
-                raise ValueError(f"{TENSOR_NAMES_FIELD}[{layer!r}] in {where} must be a list of keys")
+                raise CorruptMetadataError(where, f"{TENSOR_NAMES_FIELD}[{layer!r}] must be a list of keys")
             try:
                 out[check_name(layer, "layer signature")] = [check_name(k, "tensor key") for k in keys]
             except ValueError as e:
-                raise ValueError(f"unsafe name in {where}: {e}") from None
+                raise CorruptMetadataError(where, f"unsafe name in {TENSOR_NAMES_FIELD}: {e}") from None
         return out
 
     # ------------------------------------------------------------------ run metadata
@@ -309,8 +398,8 @@ class LayoutStore(Store):
             ValueError: If run_id is invalid or meta is not JSON-serializable (nothing is written).
             OSError: If file system operations fail.
         """
-        key = f"{self._run_dir(run_id)}/meta.json"
-        data = _json.dumps(_json.encode_metadata(meta, "meta"))
+        key = self._run_metadata_file(run_id)
+        data = self._dumps(self._metadata(meta, "meta"), "meta")
         self._write(key, Payload(data))
         return key
 
@@ -319,14 +408,16 @@ class LayoutStore(Store):
 
         Raises:
             ValueError: If run_id is invalid.
-            json.JSONDecodeError: If the metadata file is not valid JSON (message names the file).
+            json.JSONDecodeError: If the metadata file is not valid JSON (an ``InvalidJSONError``,
+                naming the file).
+            CorruptMetadataError: If it holds JSON other than an object.
+            CorruptFileError: If it is not a regular file (a FIFO, a link...).
         """
-        key = f"{self._run_dir(run_id)}/meta.json"
+        key = self._run_metadata_file(run_id)
         try:
-            meta: Dict[str, Any] = self._read_json(key)
+            return self._read_json_object(key)
         except FileNotFoundError:
             return {}
-        return meta
 
     # ------------------------------------------------------------------ per-batch detector data
 
@@ -349,16 +440,37 @@ class LayoutStore(Store):
         """
         batch_index = check_batch_index(batch_index)
         key = self._batch_dir(run_id, batch_index)
-        _json.encode_metadata(metadata, "metadata", reserved=(TENSOR_NAMES_FIELD,))
+        self._metadata(metadata, "metadata", reserved=(TENSOR_NAMES_FIELD,))
         prepared, names = self._prepare_tensor_metadata(tensor_metadata)
-        meta_bytes = _json.dumps({**metadata, TENSOR_NAMES_FIELD: names})
+        if METADATA_FILE in prepared:
+            raise ValueError(
+                f"layer signature {METADATA_FILE!r} is not allowed in put_detector_metadata: the batch's own "
+                f"{METADATA_FILE} has that name"
+            )
+        meta_bytes = self._dumps({**metadata, TENSOR_NAMES_FIELD: names})
+        meta_crc = self._metadata_crc(meta_bytes)
         files: dict[str, Payload] = {}
         for layer, tensors in prepared.items():
             for tkey, t in tensors.items():
-                files[f"{layer}/{tkey}.safetensors"] = self._encode({TENSOR_NAME: t})
-        files["metadata.json"] = Payload(meta_bytes)  # last: the file that makes the batch readable
+                files[f"{layer}/{tkey}.safetensors"] = self._encode({TENSOR_NAME: t}, meta_crc)
+        files[METADATA_FILE] = Payload(meta_bytes)  # last: the file that makes the batch readable
         self._write_dir(key, files)
         return key
+
+    def _metadata_crc(self, meta_bytes: bytes) -> dict[str, str] | None:
+        """The ``__metadata__`` field that ties an entry's tensor files to its metadata.json."""
+        return {METADATA_CRC_FIELD: f"{tf.checksum_of(meta_bytes):08x}"} if self.checksums else None
+
+    def _check_metadata_crc(self, header: tf.Header, meta_bytes: bytes, meta_where: str) -> None:
+        """Raise ``CorruptFileError`` if ``header`` records a metadata.json CRC that ``meta_bytes`` fails."""
+        header.check_header()
+        recorded = header.metadata.get(METADATA_CRC_FIELD)
+        if recorded is not None and recorded != f"{tf.checksum_of(meta_bytes):08x}":
+            raise CorruptMetadataError(
+                meta_where,
+                f"checksum mismatch: it has CRC-32 {tf.checksum_of(meta_bytes):08x}, but {header.where} records "
+                f"{recorded} for the metadata.json written with it",
+            )
 
     def get_detector_metadata(self, run_id: str, batch_index: int) -> tuple[Dict[str, Any], TensorMetadata]:
         """Load a batch's metadata and tensors; ``({}, {})`` if the batch does not exist.
@@ -373,41 +485,61 @@ class LayoutStore(Store):
         key = self._batch_dir(run_id, batch_index)
 
         def read(d: DirReader) -> tuple[Dict[str, Any], TensorMetadata]:
-            where = self._where(f"{key}/metadata.json")
             try:
-                with d.open("metadata.json") as f:
-                    metadata = _json.loads(f.read(), where)
+                metadata, names, meta_bytes = self._read_batch_metadata(d, key)
             except FileNotFoundError:
                 if d.moved():
                     raise
                 return {}, {}
-            if not isinstance(metadata, dict):
-                raise ValueError(f"{where} must hold a JSON object, got {type(metadata).__name__}")
-            if TENSOR_NAMES_FIELD not in metadata:
-                raise ValueError(
-                    f"Field {TENSOR_NAMES_FIELD!r} not found in detector metadata at {where}; cannot retrieve tensors."
-                )
-            names = self._read_names_field(metadata.pop(TENSOR_NAMES_FIELD), where)
             out: TensorMetadata = {}
             batch_where = self._where(key)
+            meta_where = self._where(f"{key}/{METADATA_FILE}")
             for layer, keys in names.items():
                 if not keys:
                     continue
                 tensors = out[layer] = {}
                 for tkey in keys:
                     rel = f"{layer}/{tkey}.safetensors"
-                    tensors[tkey] = self._read_listed(d, rel, f"{batch_where}/{rel}")
+                    tensors[tkey] = self._read_listed(
+                        d, rel, f"{batch_where}/{rel}", meta_bytes if self.verify_reads else None, meta_where
+                    )
             return metadata, out
 
         not_found: tuple[Dict[str, Any], TensorMetadata] = ({}, {})
         return self._consistent_read(key, read, not_found)
 
-    def _read_listed(self, d: DirReader, rel: str, where: str) -> torch.Tensor:
-        """Read the one-tensor file ``rel`` that a batch's metadata.json lists."""
+    def _read_batch_metadata(self, d: DirReader, key: str) -> tuple[dict[str, Any], dict[str, list[str]], bytes]:
+        """A batch's metadata.json: the caller's metadata, the validated tensor names, the raw bytes.
+
+        Raises:
+            FileNotFoundError: If the batch has no metadata.json.
+            CorruptMetadataError: If it is not an object with a valid ``_tensor_metadata_names``.
+        """
+        where = self._where(f"{key}/{METADATA_FILE}")
+        with d.open(METADATA_FILE) as f:
+            raw = self._read_json_bytes(f, where)
+        metadata = _json.loads(raw, where)
+        if not isinstance(metadata, dict):
+            raise CorruptMetadataError(where, f"must hold a JSON object, holds a {_json_type(metadata)}")
+        if TENSOR_NAMES_FIELD not in metadata:
+            raise CorruptMetadataError(
+                where, f"field {TENSOR_NAMES_FIELD!r} not found in detector metadata; cannot retrieve tensors"
+            )
+        names = self._read_names_field(metadata.pop(TENSOR_NAMES_FIELD), where)
+        return metadata, names, raw
+
+    def _read_listed(
+        self, d: DirReader, rel: str, where: str, meta_bytes: bytes | None = None, meta_where: str = ""
+    ) -> torch.Tensor:
+        """Read the one-tensor file ``rel`` that a batch's metadata.json lists (with ``meta_bytes``,
+        also check the metadata.json CRC the file records)."""
         try:
             prefix, rest = d.read_head(rel, tf.PREFETCH)
             try:
-                return self._tensor(rest, tf.parse_header(prefix, rest, where), TENSOR_NAME, where)
+                header = tf.parse_header(prefix, rest, where)
+                if meta_bytes is not None:
+                    self._check_metadata_crc(header, meta_bytes, meta_where)
+                return self._tensor(rest, header, TENSOR_NAME, where)
             finally:
                 if rest is not None:
                     rest.close()
@@ -425,7 +557,7 @@ class LayoutStore(Store):
             OSError: If the tensor file exists but cannot be read.
         """
         batch_index = check_batch_index(batch_index)
-        rel = f"{check_name(layer, 'layer')}/{check_name(key, 'key')}.safetensors"
+        rel = f"{check_layer(layer, 'layer')}/{check_name(key, 'key')}.safetensors"
         fkey = f"{self._batch_dir(run_id, batch_index)}/{rel}"
         where = self._where(fkey)
         try:
@@ -504,7 +636,7 @@ class LayoutStore(Store):
             if sorted(items) == list(range(len(items))):
                 return [items[i] for i in range(len(items))]
         if kind == "list":
-            raise OSError(f"{where} is marked as a list but holds tensors {names}")
+            raise CorruptFileError(where, f"is marked as a list but holds tensors {names[:10]}")
         return loaded
 
     def _run_batch_from_detector_layout(self, run_id: str, batch_index: int) -> Dict[str, torch.Tensor]:
@@ -533,7 +665,12 @@ class LayoutStore(Store):
 
     def list_runs(self) -> List[str]:
         """Return the sorted ids of the runs in the store."""
-        return sorted(name for name, is_dir in self._list(self.runs_prefix) if is_dir and _is_valid_name(name))
+        others = self._top_names(self.runs_prefix)
+        return sorted(
+            name
+            for name, is_dir in self._list(self.runs_prefix)
+            if is_dir and name not in others and _is_valid_name(name)
+        )
 
     # ------------------------------------------------------------------ run-level appends
 
@@ -559,10 +696,10 @@ class LayoutStore(Store):
             ValueError: If parameters are invalid or metadata is not JSON-serialisable.
             OSError: If file system operations fail.
         """
-        det = f"{self._run_dir(run_id)}/detectors"
-        _json.encode_metadata(metadata, "metadata", reserved=(TENSOR_NAMES_FIELD,))
+        det = self._detectors_dir(run_id)
+        self._metadata(metadata, "metadata", reserved=(TENSOR_NAMES_FIELD,))
         prepared, names = self._prepare_tensor_metadata(tensor_metadata)
-        entry = json.dumps({"metadata": metadata, "tensors": names}, ensure_ascii=False, allow_nan=False)
+        entry = _json.dumps_compact({"metadata": metadata, "tensors": names}, allow_nan=self.allow_nan)
         flat = {f"{layer}/{k}": t for layer, tensors in prepared.items() for k, t in tensors.items()}
         payload = self._encode(flat, {ENTRY_FIELD: entry})
         run_key = self._run_dir(run_id)
@@ -577,23 +714,41 @@ class LayoutStore(Store):
             self._append_next[run_key] = max(n + 1, self._append_next.get(run_key, 0))
         return det
 
-    def _next_entry_number(self, det: str) -> int:
-        taken = [
-            int(m.group(1)) for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if (m := _ENTRY_FILE.fullmatch(name))
+    def _entry_names(self, det: str) -> list[str]:
+        """The append-log files of ``det``, in append order."""
+        numbered = [
+            (n, name) for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if (n := _entry_number(name)) is not None
         ]
+        return [name for _, name in sorted(numbered)]
+
+    def _next_entry_number(self, det: str) -> int:
+        taken = [n for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if (n := _entry_number(name)) is not None]
         return max(max(taken, default=-1) + 1, len(self._legacy_run_entries(det)))
 
     def _legacy_run_entries(self, det: str) -> list[Any]:
         """The ``batches`` list of mi_crow 1.0's ``detectors/metadata.json`` (``[]`` if none)."""
-        key = f"{det}/metadata.json"
+        key = f"{det}/{METADATA_FILE}"
         try:
             doc = self._read_json(key)
         except FileNotFoundError:
             return []
         batches = doc.get("batches") if isinstance(doc, dict) else None
         if not isinstance(batches, list):
-            raise ValueError(f"{self._where(key)} has no 'batches' list; it is not mi_crow's run detector metadata")
+            raise CorruptMetadataError(
+                self._where(key), "has no 'batches' list; it is not mi_crow's run detector metadata"
+            )
         return batches
+
+    @staticmethod
+    def _parse_entry(header: tf.Header, where: str) -> tuple[dict[str, Any], Any]:
+        """The metadata and tensor names of a run-level append, from its file's header."""
+        raw = header.metadata.get(ENTRY_FIELD)
+        if raw is None:
+            raise CorruptFileError(where, f"is not a run detector entry: no {ENTRY_FIELD!r} in its __metadata__")
+        entry = _json.loads(raw, where)
+        if not isinstance(entry, dict) or not isinstance(entry.get("metadata"), dict) or "tensors" not in entry:
+            raise CorruptMetadataError(where, f"{ENTRY_FIELD!r} must be an object with 'metadata' and 'tensors'")
+        return entry["metadata"], entry["tensors"]
 
     def iter_run_detector_metadata(self, run_id: str) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
         """Yield ``(metadata, tensor_metadata)`` for each ``put_run_detector_metadata`` call, in order.
@@ -611,24 +766,18 @@ class LayoutStore(Store):
             >>> [(m["step"], t["l"]["top"].tolist()) for m, t in store.iter_run_detector_metadata("r")]
             [(0, []), (1, [0]), (2, [0, 1])]
         """
-        det = f"{self._run_dir(run_id)}/detectors"
-        return self._iter_entries(det)
+        return self._iter_entries(self._detectors_dir(run_id))
 
     def _iter_entries(self, det: str) -> Iterator[tuple[Dict[str, Any], TensorMetadata]]:
         legacy = self._legacy_run_entries(det)
         if legacy:
             yield from self._iter_legacy_entries(det, legacy)
-        names = sorted(name for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if _ENTRY_FILE.fullmatch(name))
-        for name in names:
+        for name in self._entry_names(det):
             key = f"{det}/{ENTRIES_DIR}/{name}"
             where = self._where(key)
             with self._open(key) as f:
                 header = tf.read_header(f, where)
-                try:
-                    entry = json.loads(header.metadata[ENTRY_FIELD])
-                    metadata, tnames = entry["metadata"], entry["tensors"]
-                except (KeyError, TypeError, json.JSONDecodeError) as e:
-                    raise OSError(f"{where} is not a run detector entry: bad {ENTRY_FIELD!r} ({e})") from None
+                metadata, tnames = self._parse_entry(header, where)
                 tensors: TensorMetadata = {}
                 for layer, keys in self._read_names_field(tnames, where).items():
                     tensors[layer] = {k: self._tensor(f, header, f"{layer}/{k}", where) for k in keys}
@@ -639,9 +788,9 @@ class LayoutStore(Store):
         with contextlib.ExitStack() as stack:
             files: dict[str, tuple[BinaryIO, tf.Header, str]] = {}
             for i, raw in enumerate(batches):
-                where = self._where(f"{det}/metadata.json")
+                where = self._where(f"{det}/{METADATA_FILE}")
                 if not isinstance(raw, dict):
-                    raise ValueError(f"entry {i} of {where} is not a JSON object")
+                    raise CorruptMetadataError(where, f"entry {i} of 'batches' is not a JSON object")
                 metadata = dict(raw)
                 n = metadata.pop("batch_index", i)
                 names = self._read_names_field(metadata.pop(TENSOR_NAMES_FIELD, {}), where)
@@ -684,13 +833,14 @@ class LayoutStore(Store):
             (torch.Size([4, 8]), {'d_sae': 8})
         """
         key = self._model_dir(model_id)
-        meta = _json.encode_metadata({} if metadata is None else metadata, "metadata")
+        meta = self._metadata({} if metadata is None else metadata, "metadata")
         prepared = self._check_tensor_names(tensors, "tensors")
+        meta_bytes = self._dumps(meta)
         self._write_dir(
             key,
             {
-                "model.safetensors": self._encode(prepared, {"format": "pt"}),
-                "metadata.json": Payload(_json.dumps(meta)),
+                MODEL_FILE: self._encode(prepared, {"format": "pt", **(self._metadata_crc(meta_bytes) or {})}),
+                METADATA_FILE: Payload(meta_bytes),
             },
         )
         return key
@@ -706,10 +856,17 @@ class LayoutStore(Store):
         key = self._model_dir(model_id)
 
         def read(d: DirReader) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-            with d.open("metadata.json") as f:
-                meta = _json.loads(f.read(), self._where(f"{key}/metadata.json"))
-            with d.open("model.safetensors") as f:
-                tensors, _ = self._tensors(f, self._where(f"{key}/model.safetensors"))
+            meta_where = self._where(f"{key}/{METADATA_FILE}")
+            with d.open(METADATA_FILE) as f:
+                raw = self._read_json_bytes(f, meta_where)
+            meta = _json.loads(raw, meta_where)
+            if not isinstance(meta, dict):
+                raise CorruptMetadataError(meta_where, f"must hold a JSON object, holds a {_json_type(meta)}")
+            with d.open(MODEL_FILE) as f:
+                where = self._where(f"{key}/{MODEL_FILE}")
+                if self.verify_reads:
+                    self._check_metadata_crc(tf.read_header(f, where), raw, meta_where)
+                tensors, _ = self._tensors(f, where)
             return tensors, meta
 
         missing: tuple[Dict[str, torch.Tensor], Dict[str, Any]] | None = None
@@ -720,7 +877,12 @@ class LayoutStore(Store):
 
     def list_models(self) -> List[str]:
         """Return the sorted ids of the models in the store."""
-        return sorted(name for name, is_dir in self._list(self.model_prefix) if is_dir and _is_valid_name(name))
+        others = self._top_names(self.model_prefix)
+        return sorted(
+            name
+            for name, is_dir in self._list(self.model_prefix)
+            if is_dir and name not in others and _is_valid_name(name)
+        )
 
     def delete_model(self, model_id: str) -> None:
         """Remove a model; a missing model is not an error."""
@@ -731,13 +893,20 @@ class LayoutStore(Store):
     def check(self, run_ids: Sequence[str] | None = None) -> list[Problem]:
         """Read and verify every entry; return the damaged files (``[]`` when all is well).
 
-        Checks run metadata, every per-batch directory (its metadata.json and each listed
-        tensor file), run batches, run-level detector data (mi_crow's and ours) and, when
-        ``run_ids`` is None, every model: JSON must parse, tensor files must be complete and
-        their bytes must match the CRC-32 recorded at write time. Reads one tensor at a time.
+        Checks run metadata, every per-batch directory (its metadata.json, each listed tensor
+        file, and tensor files it does not list), run batches, run-level detector data
+        (mi_crow's and ours, metadata included) and, when ``run_ids`` is None, every model: JSON
+        must parse and have the shape the store writes, tensor files must be regular files,
+        complete, and match the CRC-32s recorded at write time (of their data, of their header,
+        and of the metadata.json written with them). Never raises on damaged data: each damaged
+        file is one :class:`Problem`. Files the store does not own (``model.pt`` that mi_crow's
+        trainer saves in a run folder) are not checked. Reads one tensor at a time.
 
         Args:
             run_ids: Only these runs (and no models); all runs and models when None.
+
+        Raises:
+            ValueError: If a run id in ``run_ids`` is not a valid name.
 
         Example:
             >>> import tempfile, torch
@@ -748,72 +917,138 @@ class LayoutStore(Store):
             []
         """
         problems: list[Problem] = []
-        runs = self.list_runs() if run_ids is None else [check_name(r, "run_id") for r in run_ids]
+        if run_ids is None:
+            runs = self._guarded(self._where(self.runs_prefix), self.list_runs, problems) or []
+        else:
+            runs = [check_name(r, "run_id") for r in run_ids]
         for run in runs:
             problems += self._check_run(run)
         if run_ids is None:
-            for model in self.list_models():
-                key = self._model_dir(model)
-                problems += self._check_json(f"{key}/metadata.json")
-                problems += self._check_tensor_file(f"{key}/model.safetensors")
+            for model in self._guarded(self._where(self.model_prefix), self.list_models, problems) or []:
+                problems += self._check_model(model)
         return problems
+
+    @staticmethod
+    def _guarded(where: str, fn: Callable[[], T], problems: list[Problem]) -> T | None:
+        """``fn()``, or ``None`` with its damage recorded as a Problem at ``where``."""
+        try:
+            return fn()
+        except (OSError, ValueError) as e:
+            problems.append(_problem(where, e))
+            return None
 
     def _check_json(self, key: str, *, required: bool = True) -> list[Problem]:
         try:
-            self._read_json(key)
+            self._read_json_object(key)
         except FileNotFoundError:
             return [Problem(self._where(key), "missing")] if required else []
-        except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
-            return [Problem(self._where(key), f"unreadable JSON: {e}")]
+        except (ValueError, OSError) as e:
+            return [_problem(self._where(key), e)]
         return []
 
-    def _check_tensor_file(self, key: str, names: Sequence[str] | None = None) -> list[Problem]:
+    def _check_header(
+        self, f: BinaryIO, where: str, names: Sequence[str] | None = None, meta: tuple[bytes, str] | None = None
+    ) -> tf.Header:
+        """Check the tensor file open as ``f``: header, every tensor (or ``names``), and the
+        metadata.json CRC it records (``meta``: its bytes and name). Raises on damage."""
+        header = tf.read_header(f, where)
+        header.check_header()
+        if meta is not None:
+            self._check_metadata_crc(header, *meta)
+        for name in header.tensors if names is None else names:
+            tf.read_tensor(f, header, name, where, verify=True)
+        return header
+
+    def _check_tensor_file(
+        self, key: str, names: Sequence[str] | None = None, meta: tuple[bytes, str] | None = None
+    ) -> list[Problem]:
         where = self._where(key)
         try:
             with self._open(key) as f:
-                header = tf.read_header(f, where)
-                for name in header.tensors if names is None else names:
-                    tf.read_tensor(f, header, name, where, verify=True)
+                self._check_header(f, where, names, meta)
         except FileNotFoundError:
             return [Problem(where, "missing (listed in its entry's metadata)")]
-        except tf.CorruptFileError as e:
-            return [Problem(where, e.reason)]
-        except OSError as e:
-            return [Problem(where, f"unreadable: {e}")]
+        except (OSError, ValueError) as e:
+            return [_problem(where, e)]
+        return []
+
+    def _check_batch(self, key: str) -> list[Problem]:
+        """Check one per-batch directory consistently (retried if an overwrite swaps it meanwhile)."""
+
+        def read(d: DirReader) -> list[Problem]:
+            meta_where = self._where(f"{key}/{METADATA_FILE}")
+            try:
+                _, names, raw = self._read_batch_metadata(d, key)
+            except FileNotFoundError:
+                if d.moved():
+                    raise
+                return [Problem(meta_where, "missing: the batch directory has no metadata.json")]
+            except (OSError, ValueError) as e:
+                return [_problem(meta_where, e)]
+            problems: list[Problem] = []
+            listed = {f"{layer}/{k}.safetensors" for layer, keys in names.items() for k in keys}
+            for rel in sorted(listed):
+                where = self._where(f"{key}/{rel}")
+                try:
+                    with d.open(rel) as f:
+                        self._check_header(f, where, [TENSOR_NAME], (raw, meta_where))
+                except FileNotFoundError:
+                    if d.moved():
+                        raise
+                    problems.append(Problem(where, "missing (listed in its batch's metadata.json)"))
+                except (OSError, ValueError) as e:
+                    problems.append(_problem(where, e))
+            # A tensor file the metadata does not list: a name was removed from it (or a file planted).
+            for layer, is_dir in d.list(""):
+                if not is_dir:
+                    continue
+                for name, sub_is_dir in d.list(layer):
+                    rel = f"{layer}/{name}"
+                    if name.endswith(".safetensors") and not sub_is_dir and rel not in listed:
+                        problems.append(
+                            Problem(self._where(f"{key}/{rel}"), "tensor file not listed in the batch's metadata.json")
+                        )
+            return problems
+
+        try:
+            return self._consistent_read(key, read, [])
+        except (OSError, ValueError) as e:
+            return [_problem(self._where(key), e)]
+
+    def _check_entry(self, key: str) -> list[Problem]:
+        """Check one run-level append: header, metadata JSON, the tensors it lists, every tensor."""
+        where = self._where(key)
+        try:
+            with self._open(key) as f:
+                header = self._check_header(f, where)
+                _, tnames = self._parse_entry(header, where)
+                for layer, keys in self._read_names_field(tnames, where).items():
+                    for k in keys:
+                        if f"{layer}/{k}" not in header.tensors:
+                            raise CorruptFileError(where, f"lists tensor {layer}/{k}, which the file does not hold")
+        except FileNotFoundError:
+            return []  # removed meanwhile (delete_run)
+        except (OSError, ValueError) as e:
+            return [_problem(where, e)]
         return []
 
     def _check_run(self, run: str) -> list[Problem]:
         problems: list[Problem] = []
         run_dir = self._run_dir(run)
-        problems += self._check_json(f"{run_dir}/meta.json", required=False)
-        for name, is_dir in sorted(self._list(run_dir)):
+        problems += self._check_json(self._run_metadata_file(run), required=False)
+        entries = self._guarded(self._where(run_dir), lambda: self._list(run_dir), problems) or []
+        for name, is_dir in sorted(entries):
             key = f"{run_dir}/{name}"
             index = _batch_index(name, is_dir)
             if index is not None and is_dir:
-                meta_key = f"{key}/metadata.json"
-                try:
-                    meta = self._read_json(meta_key)
-                    names = self._read_names_field(meta.get(TENSOR_NAMES_FIELD), self._where(meta_key))
-                except FileNotFoundError:
-                    problems.append(Problem(self._where(meta_key), "missing: the batch directory has no metadata.json"))
-                    continue
-                except (ValueError, OSError, AttributeError) as e:
-                    problems.append(Problem(self._where(meta_key), f"unreadable batch metadata: {e}"))
-                    continue
-                for layer, keys in names.items():
-                    for k in keys:
-                        problems += self._check_tensor_file(f"{key}/{layer}/{k}.safetensors", [TENSOR_NAME])
+                problems += self._check_batch(key)
             elif index is not None:
                 problems += self._check_tensor_file(key)
-        det = f"{run_dir}/detectors"
-        try:
-            legacy = self._legacy_run_entries(det)
-        except (ValueError, OSError) as e:
-            problems.append(Problem(self._where(f"{det}/metadata.json"), f"unreadable: {e}"))
-            legacy = []
+        det = self._detectors_dir(run)
+        legacy = self._guarded(self._where(f"{det}/{METADATA_FILE}"), lambda: self._legacy_run_entries(det), problems)
         legacy_files = {
             f"{det}/{layer}/{k}.safetensors"
-            for entry in legacy
+            for entry in legacy or []
             if isinstance(entry, dict) and isinstance(entry.get(TENSOR_NAMES_FIELD), dict)
             for layer, keys in entry[TENSOR_NAMES_FIELD].items()
             if isinstance(keys, list) and _is_valid_name(layer)
@@ -822,10 +1057,25 @@ class LayoutStore(Store):
         }
         for key in sorted(legacy_files):
             problems += self._check_tensor_file(key)
-        for name, _ in sorted(self._list(f"{det}/{ENTRIES_DIR}")):
-            if _ENTRY_FILE.fullmatch(name):
-                problems += self._check_tensor_file(f"{det}/{ENTRIES_DIR}/{name}")
+        names = self._guarded(self._where(f"{det}/{ENTRIES_DIR}"), lambda: self._entry_names(det), problems) or []
+        for name in names:
+            problems += self._check_entry(f"{det}/{ENTRIES_DIR}/{name}")
         return problems
+
+    def _check_model(self, model: str) -> list[Problem]:
+        key = self._model_dir(model)
+        meta_key = f"{key}/{METADATA_FILE}"
+        meta_where = self._where(meta_key)
+        try:
+            with self._open(meta_key) as f:
+                raw = self._read_json_bytes(f, meta_where)
+            if not isinstance(_json.loads(raw, meta_where), dict):
+                raise CorruptMetadataError(meta_where, "must hold a JSON object")
+        except FileNotFoundError:
+            return [Problem(meta_where, "missing")]
+        except (OSError, ValueError) as e:
+            return [_problem(meta_where, e)]
+        return self._check_tensor_file(f"{key}/{MODEL_FILE}", meta=(raw, meta_where))
 
     # ------------------------------------------------------------------ single tensors
 
@@ -851,6 +1101,24 @@ class LayoutStore(Store):
         with self._open(key) as f:
             header = tf.read_header(f, where)
             return self._tensor(f, header, TENSOR_NAME, where)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if isinstance(value, list):
+        return "JSON array"
+    if isinstance(value, str):
+        return "JSON string"
+    if isinstance(value, bool) or value is None:
+        return f"JSON {json.dumps(value)}"
+    return "JSON number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _problem(where: str, e: BaseException) -> Problem:
+    """A Problem for the damage ``e`` found at ``where`` (its own file, when it names one)."""
+    if isinstance(e, CorruptFileError):
+        return Problem(e.path, e.reason)
+    return Problem(where, f"{type(e).__name__}: {e}")
 
 
 def _is_valid_name(name: str) -> bool:

@@ -11,14 +11,12 @@ import operator
 import re
 from typing import Any
 
+from mi_crow.store.limits import MAX_BATCH_INDEX, MAX_KEY_BYTES, MAX_NAME_BYTES
+
 # Names beginning with "." are reserved for the store's own files (temp files, staging
 # directories, the run-level append log); refusing them keeps user names and internal
 # names from ever colliding.
 RESERVED_PREFIX = "."
-
-# Leaves room under the usual 255-byte NAME_MAX for the ".safetensors" suffix that tensor
-# keys receive on disk.
-MAX_NAME_BYTES = 200
 
 
 # Printable ASCII without "/" and "\\", not starting with "." or a space, at most 200 long: valid.
@@ -38,7 +36,7 @@ def check_name(value: Any, what: str) -> str:
 
     Raises:
         ValueError: If ``value`` is not a ``str``, is empty or blank, is ``.`` or ``..``,
-            begins with ``.``, contains ``/``, ``\\``, NUL or another control character,
+            begins with ``.``, contains ``/``, ``\\``, NUL or another control character (C0, DEL, C1),
             cannot be encoded as UTF-8, or is longer than 200 bytes.
     """
     if type(value) is str and _PLAIN_NAME.fullmatch(value):
@@ -56,9 +54,12 @@ def check_name_fully(value: Any, what: str) -> str:
         raise ValueError(f"{what} {value!r} is not allowed: it would address a directory outside its place")
     if "/" in value or "\\" in value:
         raise ValueError(f"{what} {value!r} contains a path separator ('/' or '\\'); names are single path components")
-    bad = [c for c in value if ord(c) < 0x20 or ord(c) == 0x7F]
+    bad = [c for c in value if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F]
     if bad:
-        raise ValueError(f"{what} {value!r} contains a control character {bad[0]!r} (NUL and 0x01-0x1f are refused)")
+        raise ValueError(
+            f"{what} {value!r} contains a control character {bad[0]!r} "
+            "(C0 controls U+0000-U+001F, DEL and C1 controls U+0080-U+009F are refused)"
+        )
     if value.startswith(RESERVED_PREFIX):
         raise ValueError(
             f"{what} {value!r} begins with '.', which is reserved for the store's own files; "
@@ -90,6 +91,11 @@ def check_relpath(value: Any, what: str) -> str:
         raise ValueError(f"{what} must be a non-empty relative path, got {value!r}")
     if value.startswith("/") or value.startswith("\\"):
         raise ValueError(f"{what} {value!r} is an absolute path; it must be relative to base_path")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_BYTES:
+        raise ValueError(
+            f"{what} is {size} bytes long in UTF-8; at most {MAX_KEY_BYTES} are allowed: {value[:40]!r}..."
+        )
     for part in value.split("/"):
         try:
             check_name(part, what)
@@ -115,4 +121,22 @@ def check_batch_index(value: Any, what: str = "batch_index") -> int:
         raise ValueError(f"{what} must be a non-negative int, got {type(value).__name__} {value!r}") from None
     if index < 0:
         raise ValueError(f"{what} must be non-negative, got {index}")
+    if index > MAX_BATCH_INDEX:
+        raise ValueError(f"{what} {index} is larger than {MAX_BATCH_INDEX} (2**63 - 1), the largest index stored")
     return index
+
+
+def check_prefix(value: Any, what: str) -> str:
+    """Return ``value`` if it is a valid store prefix: ``""`` (the top of ``base_path``, as mi_crow
+    1.0 allows) or a relative path that :func:`check_relpath` accepts."""
+    if value == "":
+        return ""
+    return check_relpath(value, what)
+
+
+def check_layer(value: Any, what: str = "layer signature") -> str:
+    """A layer signature as a name: mi_crow 1.0 also takes ``int`` signatures (``register_hook(layer_signature:
+    str | int)``) and stores them as ``str(layer)``; so does this store (``bool`` is refused)."""
+    if type(value) is int:
+        value = str(value)
+    return check_name(value, what)

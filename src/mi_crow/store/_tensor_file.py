@@ -24,6 +24,9 @@ from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
+from mi_crow.store.errors import CorruptFileError
+from mi_crow.store.limits import MAX_HEADER_BYTES, MAX_JSON_DEPTH, MAX_NDIM
+
 try:  # zlib-ng's CRC-32 uses carry-less multiply (SSE4.2/AVX-512 or ARMv8 CRC): the same values as
     # the standard library's, about 5x faster (34 vs 6.5 GB/s on the benchmark machine).
     from zlib_ng.zlib_ng import crc32
@@ -56,12 +59,17 @@ DTYPE_TO_CODE: dict[torch.dtype, str] = {
 }
 CODE_TO_DTYPE: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_TO_CODE.items()}
 
-# safetensors refuses headers above 100 MB; so do we, before allocating anything.
-MAX_HEADER_BYTES = 100_000_000
-
 # In ``__metadata__``: JSON ``{tensor name: CRC-32 of its bytes as 8 hex digits}``. safetensors
 # and mi_crow 1.0 ignore ``__metadata__`` when loading, so they read our files unchanged.
 CRC_FIELD = "mi_crow_store.crc32"
+# In ``__metadata__``: the CRC-32 (8 hex digits) of everything else a reader interprets in the
+# header: every tensor's name, dtype, shape and offsets, and every other ``__metadata__`` field
+# (the data CRCs, an append entry's JSON, a run batch's container kind). Computed over a canonical
+# serialisation of the parsed values (:func:`header_digest`), not over the header's bytes, so it
+# needs no placeholder and is checked from the parsed header alone.
+HEADER_CRC_FIELD = "mi_crow_store.header_crc32"
+# Largest tensor: numel x element size must fit int64, as torch's stride arithmetic needs.
+_MAX_TENSOR_BYTES = 2**63 - 1
 
 Buffer = bytes | bytearray | memoryview
 
@@ -93,6 +101,8 @@ def prepare_tensor(value: Any, where: str) -> torch.Tensor:
     if value.dtype not in DTYPE_TO_CODE:
         supported = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_TO_CODE)
         raise ValueError(f"{where} has dtype {value.dtype}, which safetensors cannot store; supported: {supported}")
+    if value.dim() > MAX_NDIM:
+        raise ValueError(f"{where} has {value.dim()} dimensions; at most {MAX_NDIM} are stored")
     t = value.detach()
     if t.is_conj():
         t = t.resolve_conj()
@@ -174,8 +184,27 @@ class Payload:
         return self.head_size + sum(memoryview(d).nbytes for d in self.data)
 
 
+def checksum_of(data: Buffer) -> int:
+    """The CRC-32 of ``data`` (zlib-ng's where installed)."""
+    return crc32(data)
+
+
 def _crc_all(views: Sequence[memoryview]) -> list[int]:
     return [crc32(v) for v in views]
+
+
+def header_digest(entries: Mapping[str, tuple[str, Sequence[int], int, int]], metadata: Mapping[str, str]) -> int:
+    """The CRC-32 of what a reader interprets in a header: ``(dtype code, shape, begin, end)`` of
+    every tensor and every ``__metadata__`` field except :data:`HEADER_CRC_FIELD` itself."""
+    canon = json.dumps(
+        [
+            sorted((k, v) for k, v in metadata.items() if k != HEADER_CRC_FIELD),
+            sorted((name, code, list(shape), b, e) for name, (code, shape, b, e) in entries.items()),
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return crc32(canon.encode("utf-8", "surrogatepass"))
 
 
 def encode(
@@ -211,19 +240,29 @@ def encode(
                 separators=(",", ":"),
                 ensure_ascii=False,
             )
+            described = {name: (e["dtype"], e["shape"], *e["data_offsets"]) for name, e in entries.items()}
+            meta[HEADER_CRC_FIELD] = f"{header_digest(described, meta):08x}"
         head = {"__metadata__": meta, **entries} if meta else entries
-        raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw
 
+    def checked(head: bytes) -> bytes:
+        if len(head) - 8 > MAX_HEADER_BYTES:
+            raise ValueError(
+                f"the safetensors header would be {len(head) - 8:,} bytes (tensor names and metadata); "
+                f"at most {MAX_HEADER_BYTES:,} can be read back; nothing was written"
+            )
+        return head
+
     data = [v for v in views if v.nbytes]
     if not checksums:
-        return Payload(header(None), data)
+        return Payload(checked(header(None)), data)
     if offset < _CRC_THREAD_MIN:
-        return Payload(header(_crc_all(views)), data)
-    pending = _crc_executor().submit(_crc_all, views)
+        return Payload(checked(header(_crc_all(views))), data)
     # Every CRC prints as exactly 8 hex digits, so the header's size is known before its values.
-    size = len(header([0] * len(views)))
+    size = len(checked(header([0] * len(views))))
+    pending = _crc_executor().submit(_crc_all, views)
     return Payload(None, data, head_size=size, finish=lambda: header(pending.result()))
 
 
@@ -244,33 +283,45 @@ class Header:
     _checksums: dict[str, int] | None = None
 
     def checksum(self, name: str) -> int | None:
-        """The CRC-32 recorded for tensor ``name``; None for files written without them."""
+        """The CRC-32 recorded for tensor ``name``; None for files written without them.
+
+        The first call also checks the header's own CRC (:data:`HEADER_CRC_FIELD`), so a
+        verified read never trusts a dtype, shape or offset that changed after writing.
+        """
         if self._checksums is None:
+            self.check_header()
             self._checksums = {}
             if CRC_FIELD in self.metadata:  # parsed only when asked: plain reads skip it
                 try:
-                    self._checksums = {k: int(v, 16) for k, v in json.loads(self.metadata[CRC_FIELD]).items()}
-                except (AttributeError, TypeError, ValueError) as e:
+                    raw = json.loads(self.metadata[CRC_FIELD])
+                    if type(raw) is not dict:
+                        raise TypeError("not a JSON object")
+                    self._checksums = {k: int(v, 16) for k, v in raw.items()}
+                except (AttributeError, TypeError, ValueError, RecursionError) as e:
                     raise _corrupt(self.where, f"bad {CRC_FIELD!r} in __metadata__ ({e})") from None
         return self._checksums.get(name)
+
+    def check_header(self) -> None:
+        """Raise :class:`CorruptFileError` if the header's recorded CRC-32 does not match it.
+
+        Files without one (written with ``checksums=False``, by mi_crow 1.0 or by an earlier
+        version of this package) are only checked structurally, by :func:`parse_header`.
+        """
+        recorded = self.metadata.get(HEADER_CRC_FIELD)
+        if recorded is None:
+            return
+        described = {name: (DTYPE_TO_CODE[e.dtype], e.shape, e.begin, e.end) for name, e in self.tensors.items()}
+        actual = header_digest(described, self.metadata)
+        if recorded != f"{actual:08x}":
+            raise _corrupt(
+                self.where,
+                f"header checksum mismatch: the header (dtypes, shapes, offsets, metadata) has CRC-32 {actual:08x}, "
+                f"{recorded} was recorded when it was written",
+            )
 
 
 # The first read of a file asks for this much: the header, and all the data of a small file.
 PREFETCH = 64 * 1024
-
-
-class CorruptFileError(OSError):
-    """A stored file is truncated, unparseable, or fails its checksum (an ``OSError``).
-
-    Attributes:
-        path: The file, as the store names it.
-        reason: What is wrong with it.
-    """
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"corrupt or truncated safetensors file {path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def _corrupt(where: str, why: str) -> CorruptFileError:
@@ -310,7 +361,9 @@ def parse_header(prefix: bytes, rest: BinaryIO | None, where: str) -> Header:
         raise _corrupt(where, f"file is {size} bytes, shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES or n > size - 8:
-        raise _corrupt(where, f"header length {n} exceeds the file size {size} or the 100 MB limit")
+        raise _corrupt(
+            where, f"truncated or not safetensors: header length {n} exceeds the file size {size} or the 100 MB limit"
+        )
     if 8 + n <= len(prefix):
         header_bytes = prefix[8 : 8 + n]
     else:
@@ -319,7 +372,9 @@ def parse_header(prefix: bytes, rest: BinaryIO | None, where: str) -> Header:
         header_bytes = _read_exact(rest, n, where)
     try:
         raw = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise _corrupt(where, f"header JSON is nested too deeply (the store writes at most {MAX_JSON_DEPTH})") from None
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, an integer of more than 4300 digits
         raise _corrupt(where, f"header is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise _corrupt(where, "header is not a JSON object")
@@ -333,22 +388,35 @@ def parse_header(prefix: bytes, rest: BinaryIO | None, where: str) -> Header:
     tensors: dict[str, TensorEntry] = {}
     for name, info in raw.items():
         try:
+            if type(info) is not dict:
+                raise TypeError("not a JSON object")
             dtype = CODE_TO_DTYPE[info["dtype"]]
+            if type(info["shape"]) is not list or len(info["shape"]) > MAX_NDIM:
+                raise ValueError(f"shape must be a list of at most {MAX_NDIM} dimensions")
             shape = tuple(info["shape"])
-            begin, end = info["data_offsets"]
-            # Exact type checks (JSON gives int, never bool): a shape of ints >= 0 only.
+            offsets = info["data_offsets"]
+            if type(offsets) is not list or len(offsets) != 2:
+                raise ValueError("data_offsets must be a list [begin, end]")
+            begin, end = offsets
+            # Exact type checks (JSON gives int, never bool): a shape of ints >= 0 only, whose size
+            # (zero dimensions counted as 1, as torch's strides are) fits int64.
+            extent = dtype.itemsize
             for d in shape:
                 if type(d) is not int or d < 0:
                     raise ValueError("negative or non-integer dimension")
+                extent *= max(d, 1)
+                if extent > _MAX_TENSOR_BYTES:
+                    raise ValueError("the shape's extent does not fit int64")
             if type(begin) is not int or type(end) is not int:
                 raise ValueError("non-integer data offsets")
         except (KeyError, TypeError, ValueError) as e:
-            raise _corrupt(where, f"bad header entry for tensor {name!r}: {info!r} ({e})") from None
+            shown = repr(info)
+            raise _corrupt(where, f"bad header entry for tensor {name!r}: {shown[:200]} ({e})") from None
         nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0:
             raise _corrupt(where, f"tensor {name!r} has offsets {begin}..{end} but needs {nbytes} bytes")
         if end > data_len:
-            raise _corrupt(where, f"tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
+            raise _corrupt(where, f"truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
         tensors[name] = TensorEntry(dtype, shape, begin, end)
     return Header(tensors, metadata, 8 + n, where, prefix)
 

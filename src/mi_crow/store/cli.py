@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import click
 import torch
 
+from mi_crow.store import _atomic
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._layout import LayoutStore
-from mi_crow.store.local_store import LocalStore
+from mi_crow.store._layout import TENSOR_NAME, TENSOR_NAMES_FIELD, LayoutStore, Problem
+from mi_crow.store._names import check_name
+from mi_crow.store.local_store import LOCK_NAME, LocalStore
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exit statuses of ls, verify and gc.
+EXIT_DAMAGED = 1  # the store holds damaged entries (or a store error stopped the command)
+EXIT_USAGE = 2  # bad arguments: not a store, no such run, an invalid name (click's own usage errors too)
+
+# The errors the store raises for damaged stored data and failed I/O (CorruptFileError and its
+# subclasses are OSErrors, json.JSONDecodeError and bad names are ValueErrors). Anything else is a bug
+# and keeps its traceback.
+_STORE_ERRORS = (OSError, ValueError)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -21,71 +37,166 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B" if i == 0 else f"{n / 1024**i:.1f} {units[i]}"
 
 
-def describe(store: LayoutStore, runs: Iterable[str] | None = None) -> list[tuple[str, str, str, str, str, str, int]]:
-    """One row per stored tensor: (run, batch, layer, key, shape, dtype, bytes).
-
-    Reads only safetensors headers, never tensor data.
-    """
-    rows = []
-    for run in store.list_runs() if runs is None else runs:
-        for i in store.list_run_batches(run):
-            batch_dir = store._batch_dir(run, i)
-            meta_key = f"{batch_dir}/metadata.json"
-            try:
-                names = store._read_json(meta_key).get("_tensor_metadata_names", {})
-            except FileNotFoundError:
-                names = {}
-            files = [
-                (layer, key, f"{batch_dir}/{layer}/{key}.safetensors", "tensor")
-                for layer, keys in names.items()
-                for key in keys
-            ]
-            for layer, key, fkey, tname in files:
-                with store._open(fkey) as f:
-                    e = tf.read_header(f, store._where(fkey)).tensors[tname]
-                rows.append(
-                    (run, str(i), layer, key, str(list(e.shape)), str(e.dtype).removeprefix("torch."), e.end - e.begin)
-                )
-            run_file = store._run_batch_file(run, i)
-            try:
-                with store._open(run_file) as f:
-                    header = tf.read_header(f, store._where(run_file))
-            except FileNotFoundError:
-                continue
-            for name, e in sorted(header.tensors.items()):
-                rows.append(
-                    (
-                        run,
-                        str(i),
-                        "(run batch)",
-                        name,
-                        str(list(e.shape)),
-                        str(e.dtype).removeprefix("torch."),
-                        e.end - e.begin,
-                    )
-                )
-    return rows
+def _one_line(e: BaseException | str) -> str:
+    """An error message on one line (stored names and paths never break the output into lines)."""
+    text = str(e) or type(e).__name__
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _print_table(rows: list[tuple[str, str, str, str, str, str, int]]) -> None:
-    head = ("run", "batch", "layer", "key", "shape", "dtype", "bytes")
-    cells = [head] + [(*r[:6], _fmt_bytes(r[6])) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    for n, row in enumerate(cells):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            click.echo("  ".join("-" * w for w in widths))
-    runs = {r[0] for r in rows}
-    batches = {(r[0], r[1]) for r in rows}
-    click.echo(
-        f"{len(runs)} run(s), {len(batches)} batch(es), {len(rows)} tensor(s), {_fmt_bytes(sum(r[6] for r in rows))}"
+def _cell(text: str) -> str:
+    """A name read from a file, printable in a table cell."""
+    return text if text.isprintable() else ascii(text)
+
+
+class _ArgumentError(click.ClickException):
+    """One line ``Error: ...`` on stderr and exit status 2, without click's usage text."""
+
+    exit_code = EXIT_USAGE
+
+
+class Row(NamedTuple):
+    """One line of ``mi-crow-store ls``: a stored tensor, or a damaged entry (``damaged`` says why)."""
+
+    run: str
+    batch: str
+    layer: str
+    key: str
+    shape: str = ""
+    dtype: str = ""
+    nbytes: int = 0
+    damaged: str | None = None
+
+
+def _tensor_row(run: str, batch: int, layer: str, key: str, e: tf.TensorEntry) -> Row:
+    return Row(
+        run, str(batch), layer, _cell(key), str(list(e.shape)), str(e.dtype).removeprefix("torch."), e.end - e.begin
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def describe(store: LayoutStore, runs: Iterable[str] | None = None) -> list[Row]:
+    """One row per stored tensor: (run, batch, layer, key, shape, dtype, bytes, damaged).
+
+    Reads only safetensors headers, never tensor data. A damaged entry (a file that is missing,
+    truncated or unparseable, a metadata.json naming unsafe paths) becomes one row with
+    ``damaged`` set, and the listing goes on. Every layer and key read from a metadata.json
+    passes the store's name validator before any path is built from it.
+    """
+    rows: list[Row] = []
+    for run in store.list_runs() if runs is None else runs:
+        try:
+            rows += _describe_run(store, run)
+        except _STORE_ERRORS as e:
+            rows.append(Row(run, "-", "-", "-", damaged=_one_line(e)))
+    return rows
+
+
+def _describe_run(store: LayoutStore, run: str) -> list[Row]:
+    rows: list[Row] = []
+    entries = set(store._list(store._run_dir(run)))
+    for i in store.list_run_batches(run):
+        batch_dir = store._batch_dir(run, i)
+        if (batch_dir.rpartition("/")[2], True) in entries:
+            rows += _describe_batch_dir(store, run, i, batch_dir)
+        run_file = store._run_batch_file(run, i)
+        if (run_file.rpartition("/")[2], False) in entries:
+            rows += _describe_run_batch(store, run, i, run_file)
+    return rows
+
+
+def _describe_batch_dir(store: LayoutStore, run: str, i: int, batch_dir: str) -> list[Row]:
+    """The rows of a per-batch directory ``batch_{i}/`` (mi_crow 1.0's detector layout)."""
+    meta_key = f"{batch_dir}/metadata.json"
+    where = store._where(meta_key)
+    try:
+        meta = store._read_json(meta_key)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where} must hold a JSON object, got {type(meta).__name__}")
+        if TENSOR_NAMES_FIELD not in meta:
+            raise ValueError(f"{where} has no {TENSOR_NAMES_FIELD!r} field")
+        names = store._read_names_field(meta[TENSOR_NAMES_FIELD], where)
+    except FileNotFoundError:
+        return [Row(run, str(i), "-", "-", damaged=f"{where} is missing")]
+    except _STORE_ERRORS as e:
+        return [Row(run, str(i), "-", "-", damaged=_one_line(e))]
+    rows: list[Row] = []
+    for layer, keys in names.items():
+        for key in keys:
+            fkey = f"{batch_dir}/{layer}/{key}.safetensors"
+            fwhere = store._where(fkey)
+            try:
+                with store._open(fkey) as f:
+                    entry = tf.read_header(f, fwhere).tensors.get(TENSOR_NAME)
+                if entry is None:
+                    raise ValueError(f"{fwhere} holds no tensor named {TENSOR_NAME!r}")
+                rows.append(_tensor_row(run, i, layer, key, entry))
+            except FileNotFoundError:
+                rows.append(Row(run, str(i), layer, key, damaged=f"{fwhere} is missing (listed in {where})"))
+            except _STORE_ERRORS as e:
+                rows.append(Row(run, str(i), layer, key, damaged=_one_line(e)))
+    return rows
+
+
+def _describe_run_batch(store: LayoutStore, run: str, i: int, run_file: str) -> list[Row]:
+    """The rows of a run batch file ``batch_{i:06d}.safetensors``."""
+    try:
+        with store._open(run_file) as f:
+            header = tf.read_header(f, store._where(run_file))
+    except _STORE_ERRORS as e:
+        return [Row(run, str(i), "(run batch)", "-", damaged=_one_line(e))]
+    return [_tensor_row(run, i, "(run batch)", name, e) for name, e in sorted(header.tensors.items())]
+
+
+def _print_table(rows: list[Row]) -> int:
+    """Print ``rows`` as a table and a summary line; return the number of damaged rows."""
+    head = ("run", "batch", "layer", "key", "shape", "dtype", "bytes")
+    good = [r for r in rows if r.damaged is None]
+    cells = [head] + [(*r[:6], _fmt_bytes(r.nbytes)) if r.damaged is None else r[:4] for r in rows]
+    widths = [max(len(c[i]) for c in cells if len(c) > i) for i in range(len(head))]
+    for n, (row, cell) in enumerate(zip([None, *rows], cells, strict=True)):
+        line = "  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=False))
+        if row is not None and row.damaged is not None:
+            line += f"  DAMAGED: {row.damaged}"
+        click.echo(line.rstrip())
+        if n == 0:
+            click.echo("  ".join("-" * w for w in widths))
+    runs = {r.run for r in rows}
+    batches = {(r.run, r.batch) for r in rows if r.batch != "-"}
+    size = _fmt_bytes(sum(r.nbytes for r in good))
+    click.echo(f"{len(runs)} run(s), {len(batches)} batch(es), {len(good)} tensor(s), {size}")
+    return len(rows) - len(good)
+
+
+class _Group(click.Group):
+    """The command group, with one backstop: a store error (``OSError``, ``ValueError``) that a
+    command did not handle becomes one line ``Error: ...`` and exit status 1, never a traceback.
+    Any other exception is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise  # `mi-crow-store ls DIR | head`: click's main ends quietly
+        except _STORE_ERRORS as e:
+            raise click.ClickException(_one_line(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mi-crow-store")
 def main() -> None:
-    """mi-crow-store: persistence for activations, runs and models."""
+    """mi-crow-store: persistence for activations, runs and models.
+
+    \b
+    ls, verify and gc take the folder of a store. A folder is a store when it holds
+    the runs directory (--runs-prefix, default runs/) or the models directory
+    (--model-prefix, default models/) as a real directory, not a symbolic link,
+    or the store's lock file .mi-crow-store.lock. With --runs-prefix '' the runs
+    live directly in the folder, so any folder is one.
+
+    \b
+    Exit status: 0 done and nothing damaged; 1 damaged entries found, or a store
+    error stopped the command; 2 bad arguments (not a store, no such run, an
+    invalid name, an unknown option).
+    """
 
 
 @main.command()
@@ -235,46 +346,180 @@ def capture(
             raise click.ClickException("the stored run does not hold every captured token")
 
 
+def _store_options(f: F) -> F:
+    """``--runs-prefix`` and ``--model-prefix``, for stores made with prefixes other than the defaults."""
+    f = click.option(
+        "--model-prefix",
+        default="models",
+        show_default=True,
+        help="The store's model_prefix: the folder of its models, relative to PATH.",
+    )(f)
+    return click.option(
+        "--runs-prefix",
+        default="runs",
+        show_default=True,
+        help="The store's runs_prefix: the folder of its runs, relative to PATH ('' for PATH itself).",
+    )(f)
+
+
+def _real_dir(path: Path, rel: str) -> bool:
+    """Whether ``path/rel`` is a directory reached through no symbolic link below ``path``."""
+    cur = os.fspath(path)
+    for part in rel.split("/") if rel else []:
+        cur = os.path.join(cur, part)
+        try:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _is_store(path: Path, runs_prefix: str, model_prefix: str) -> bool:
+    """The rule of the group's help: a runs or models directory, or the lock file."""
+    try:
+        has_lock = stat.S_ISREG(os.lstat(path / LOCK_NAME).st_mode)
+    except OSError:
+        has_lock = False
+    return has_lock or _real_dir(path, runs_prefix) or _real_dir(path, model_prefix)
+
+
+def _open_store(path: Path, runs_prefix: str, model_prefix: str) -> LocalStore:
+    """The store at ``path``; exit 2 with one line if the prefixes are invalid or ``path`` is no store."""
+    try:
+        store = LocalStore(path, runs_prefix=runs_prefix, model_prefix=model_prefix)
+    except ValueError as e:
+        raise _ArgumentError(_one_line(e)) from None
+    if not _is_store(path, runs_prefix, model_prefix):
+        raise _ArgumentError(
+            f"{path} is not a mi-crow-store store: it has no {runs_prefix or '.'}/ or {model_prefix}/ directory "
+            f"and no {LOCK_NAME} (pass --runs-prefix/--model-prefix for a store made with other prefixes)"
+        )
+    return store
+
+
+def _runs_phrase(existing: list[str], limit: int = 20) -> str:
+    if not existing:
+        return "the store has no runs"
+    shown = ", ".join(existing[:limit])
+    more = f" and {len(existing) - limit} more" if len(existing) > limit else ""
+    return f"its runs are: {shown}{more}"
+
+
+def _select_runs(store: LayoutStore, path: Path, runs: tuple[str, ...]) -> list[str] | None:
+    """The runs named by ``--run`` (``None``: all), each checked to be a valid name and an existing run."""
+    if not runs:
+        return None
+    wanted = list(dict.fromkeys(runs))
+    for run in wanted:
+        try:
+            check_name(run, "--run")
+        except ValueError as e:
+            raise _ArgumentError(_one_line(e)) from None
+    existing = store.list_runs()
+    missing = [run for run in wanted if run not in existing]
+    if missing:
+        what = f"run {missing[0]!r}" if len(missing) == 1 else "runs " + ", ".join(map(repr, missing))
+        raise _ArgumentError(f"no {what} in {path}; {_runs_phrase(existing)}")
+    return wanted
+
+
 @main.command(name="ls")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--run", "runs", multiple=True, help="Only this run (repeatable).")
-def ls(path: Path, runs: tuple[str, ...]) -> None:
-    """Print the runs, batches, layers, keys, shapes, dtypes and sizes of the store at PATH."""
-    store = LocalStore(path)
-    _print_table(describe(store, list(runs) or None))
+@click.option("--run", "runs", multiple=True, help="Only this run (repeatable); it must exist.")
+@_store_options
+def ls(path: Path, runs: tuple[str, ...], runs_prefix: str, model_prefix: str) -> None:
+    """Print the runs, batches, layers, keys, shapes, dtypes and sizes of the store at PATH.
+
+    A damaged entry is printed as its row with DAMAGED: and the reason in place of the shape,
+    and the listing goes on; the exit status is then 1 (`mi-crow-store verify` checks the data too).
+    """
+    store = _open_store(path, runs_prefix, model_prefix)
+    damaged = _print_table(describe(store, _select_runs(store, path, runs)))
+    if damaged:
+        click.echo(f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}; `mi-crow-store verify {path}` checks all")
+        sys.exit(EXIT_DAMAGED)
+
+
+def _check(store: LayoutStore, selected: list[str] | None) -> tuple[list[Problem], list[tuple[str, str]]]:
+    """``store.check(selected)``, one run at a time where needed, so that a store error is reported
+    as one ``(what, error)`` pair and the other runs are still checked."""
+    if selected is None:
+        try:
+            return store.check(), []
+        except _STORE_ERRORS as e:
+            stopped = _one_line(e)  # the whole-store check stopped: find out where, run by run
+    problems: list[Problem] = []
+    errors: list[tuple[str, str]] = []
+    for run in store.list_runs() if selected is None else selected:
+        try:
+            problems += store.check([run])
+        except _STORE_ERRORS as e:
+            errors.append((f"run {run!r}", _one_line(e)))
+    if selected is None and not errors:
+        errors.append(("models", stopped))  # every run checked on its own: the models stopped it
+    return problems, errors
 
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--run", "runs", multiple=True, help="Only this run (repeatable); models are then skipped.")
-def verify(path: Path, runs: tuple[str, ...]) -> None:
-    """Check every entry of the store at PATH; print each damaged file. Exit 1 if any."""
-    store = LocalStore(path)
-    problems = store.check(list(runs) or None)
+@click.option(
+    "--run", "runs", multiple=True, help="Only this run (repeatable; it must exist); models are then skipped."
+)
+@_store_options
+def verify(path: Path, runs: tuple[str, ...], runs_prefix: str, model_prefix: str) -> None:
+    """Check every entry of the store at PATH; print each damaged file. Exit 1 if any.
+
+    The final line says what was verified ("ok: ..."), or that the store holds nothing to verify.
+    """
+    store = _open_store(path, runs_prefix, model_prefix)
+    selected = _select_runs(store, path, runs)
+    problems, errors = _check(store, selected)
     for p in problems:
         click.echo(f"CORRUPT {p.path}: {p.problem}")
+    for what, error in errors:
+        click.echo(f"ERROR {what} could not be checked: {error}")
     leftovers = _leftovers(path)
     if leftovers:
         click.echo(
             f"note: {len(leftovers)} leftover(s) of interrupted writes (not data); "
             f"`mi-crow-store gc {path}` removes them"
         )
-    scope = ", ".join(runs) if runs else "all runs and models"
-    if problems:
-        click.echo(f"{len(problems)} damaged file(s) in {scope}")
-        sys.exit(1)
-    click.echo(f"ok: {scope} verified")
+    scope = "all runs and models" if selected is None else ", ".join(selected)
+    if problems or errors:
+        summary = f"{len(problems)} damaged file(s) in {scope}"
+        if errors:
+            summary += f"; {len(errors)} part(s) could not be checked"
+        click.echo(summary)
+        sys.exit(EXIT_DAMAGED)
+    if selected is None:
+        n_runs, n_models = len(store.list_runs()), len(store.list_models())
+        if n_runs + n_models == 0:
+            click.echo(f"nothing to verify: the store at {path} has no runs and no models")
+            return
+        counted = f"{n_runs} run(s), {n_models} model(s)"
+    else:
+        counted = f"{len(selected)} run(s)"
+    click.echo(f"ok: {scope} verified ({counted})")
 
 
 def _leftovers(path: Path) -> list[Path]:
-    return [p for p in path.rglob("*") if p.name.startswith((".tmp-", ".stage-", ".trash-"))]
+    """The temp files and staging/trash directories of interrupted writes under ``path``, as ``gc``
+    finds them: symbolic links are not followed, and a leftover directory is one leftover."""
+    prefixes = (_atomic.TMP_PREFIX, _atomic.STAGE_PREFIX, _atomic.TRASH_PREFIX)
+    found: list[Path] = []
+    for root, dirs, files in os.walk(path, followlinks=False):
+        found += [Path(root, name) for name in dirs + files if name.startswith(prefixes)]
+        dirs[:] = [d for d in dirs if not d.startswith(prefixes)]
+    return sorted(found)
 
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def gc(path: Path) -> None:
+@_store_options
+def gc(path: Path, runs_prefix: str, model_prefix: str) -> None:
     """Remove temp files and directories that interrupted writes left in the store at PATH."""
-    report = LocalStore(path).gc()
+    report = _open_store(path, runs_prefix, model_prefix).gc()
     for removed in report.removed:
         click.echo(f"removed {removed}")
     click.echo(f"{len(report.removed)} leftover(s) removed, {_fmt_bytes(report.bytes_freed)} freed")

@@ -1,9 +1,10 @@
 """``LocalStore``: the store on a local file system.
 
 Only the byte-level operations live here; the layout and encoding are
-:class:`mi_crow.store.LayoutStore`'s. Every path is checked to resolve inside
-``base_path`` (a symbolic link planted in the store cannot lead writes, reads or deletes
-outside it), every file is written to a temp name and renamed, and whole directories
+:class:`mi_crow.store.LayoutStore`'s. Every path is resolved from a descriptor of ``base_path``
+downwards without following links (:mod:`mi_crow.store._fs`), so neither a link planted in the
+store nor a process swapping directories for links at any instant can lead a write, read or
+delete outside it; every file is written to a temp name and renamed, and whole directories
 (a batch, a model) are swapped in atomically.
 """
 
@@ -13,58 +14,44 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import stat
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, TypeVar
 
-from mi_crow.store import _atomic
+from mi_crow.store import _atomic, _fs
 from mi_crow.store._layout import LayoutStore
 from mi_crow.store._tensor_file import Payload
+from mi_crow.store.errors import CorruptFileError
+
+T = TypeVar("T")
 
 
-def _is_at(path: str, fd: int) -> bool:
-    """Whether ``path`` still names the file or directory open as ``fd`` (not replaced or removed)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _make_subdir(path: str, made: set[str]) -> None:
-    """``mkdir`` ``path`` and its missing parents inside a new staging directory, recording
-    each in ``made`` (which holds the staging directory itself)."""
-    if path not in made:
-        _make_subdir(os.path.dirname(path), made)
-        os.mkdir(path)
-        made.add(path)
+def _split(key: str) -> list[str]:
+    return key.split("/") if key else []
 
 
 class _LocalDir:
     """A directory held open by descriptor, so a concurrent swap cannot mix versions.
 
-    Subdirectories (a batch's layers) are opened once, relative to it, and kept until close.
+    Subdirectories (a batch's layers) are opened once, relative to it, never through a link,
+    and kept until close. ``moved()`` resolves the key again from ``base_path``.
     """
 
-    def __init__(self, path: str):
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def __init__(self, store: LocalStore, key: str, fd: int):
+        self._store = store
+        self._key = key
+        self.path = store._where(key)
+        self.fd = fd
         self._subdirs: dict[str, int] = {}
 
     def _subdir(self, rel: str) -> int:
         fd = self._subdirs.get(rel)
         if fd is None:
             parent, _, name = rel.rpartition("/")
-            fd = os.open(
-                name,
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=self._subdir(parent) if parent else self.fd,
-            )
+            fd = _fs.open_dir_at(self._subdir(parent) if parent else self.fd, name, os.path.join(self.path, rel))
             self._subdirs[rel] = fd
         return fd
 
@@ -85,19 +72,22 @@ class _LocalDir:
 
     def _open_fd(self, rel: str) -> int:
         parent, _, name = rel.rpartition("/")
+        dir_fd = self._subdir(parent) if parent else self.fd
+        return _fs.open_file_at(dir_fd, name, os.path.join(self.path, rel))
+
+    def list(self, rel: str) -> list[tuple[str, bool]]:
+        """The entries of subdirectory ``rel`` (``""``: the directory itself); ``[]`` if missing."""
         try:
-            dir_fd = self._subdir(parent) if parent else self.fd
-            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise ValueError(
-                    f"{os.path.join(self.path, rel)} is or passes through a symbolic link; "
-                    "entries written by the store never contain links, so it is not followed"
-                ) from None
-            raise
+            return _fs.scan(self._subdir(rel) if rel else self.fd)
+        except FileNotFoundError:
+            return []
 
     def moved(self) -> bool:
-        return not _is_at(self.path, self.fd)
+        try:
+            with _fs.Walk(self._store._base, _split(self._key), create=False) as w:
+                return _fs.identity(w.fd) != _fs.identity(self.fd)
+        except (FileNotFoundError, CorruptFileError):
+            return True
 
     def close(self) -> None:
         for fd in self._subdirs.values():
@@ -114,15 +104,57 @@ class _WriterLock:
     exclusively, so it never removes the temp file of a write in progress.
 
     Writers never exclude each other (the lock is shared); the per-process count exists because
-    ``flock`` locks belong to the open file, which all threads of a process share.
+    ``flock`` locks belong to the open file, which all threads of a process share. The lock file
+    is opened relative to ``base_path``'s descriptor with ``O_NOFOLLOW`` and must be a regular
+    file: a link planted in its place is never followed (nothing is created at its target), a
+    FIFO never blocks.
     """
 
-    def __init__(self, base_path: Path):
-        self.path = os.path.join(base_path, LOCK_NAME)
+    def __init__(self, base: str):
+        self.base = base
+        self.path = os.path.join(base, LOCK_NAME)
         self._mutex = threading.Lock()
         self._count = 0
         self._fd = -1
         self._pid = -1
+
+    def _open(self) -> int:
+        base_fd = _fs.open_base(self.base, create=True)
+        assert base_fd is not None
+        try:
+            try:
+                fd = os.open(
+                    LOCK_NAME,
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    0o666,
+                    dir_fd=base_fd,
+                )
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENOTDIR):
+                    raise _fs._not_a(base_fd, LOCK_NAME, self.path, "regular file") from None
+                raise _fs.named(e, self.path) from None
+        finally:
+            os.close(base_fd)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise CorruptFileError(self.path, f"is a {_fs.kind(mode)}, not a regular file")
+        return fd
+
+    def _current(self) -> bool:
+        """Whether our open lock file is still the one at ``base_path`` (the store may have been
+        removed and made again)."""
+        base_fd = _fs.open_base(self.base, create=False)
+        if base_fd is None:
+            return False
+        try:
+            st = os.stat(LOCK_NAME, dir_fd=base_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(base_fd)
+        mine = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
@@ -130,12 +162,11 @@ class _WriterLock:
             if self._pid != os.getpid():  # a forked child must not share (and release) our lock
                 self._fd, self._pid, self._count = -1, os.getpid(), 0
             if self._count == 0:
-                if self._fd >= 0 and not _is_at(self.path, self._fd):
-                    os.close(self._fd)  # the store was removed and made again: lock the new file
+                if self._fd >= 0 and not self._current():
+                    os.close(self._fd)
                     self._fd = -1
                 if self._fd < 0:
-                    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                    self._fd = self._open()
                 fcntl.flock(self._fd, fcntl.LOCK_SH)
             self._count += 1
         try:
@@ -148,8 +179,7 @@ class _WriterLock:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -165,15 +195,8 @@ class GcReport:
     bytes_freed: int
 
 
-def _tree_size(path: str) -> int:
-    if not os.path.isdir(path) or os.path.islink(path):
-        return os.lstat(path).st_size
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
+# A write whose directory was removed under it (a concurrent delete_run) starts over this often.
+_WRITE_RETRIES = 8
 
 
 class LocalStore(LayoutStore):
@@ -205,6 +228,7 @@ class LocalStore(LayoutStore):
         verify: bool = False,
         mmap: bool = True,
         checksums: bool = True,
+        allow_nan: bool = True,
     ):
         """Initialize LocalStore.
 
@@ -215,22 +239,38 @@ class LocalStore(LayoutStore):
             model_prefix: Prefix for models directory
             durable: Also fsync files and directories, so committed data survives power
                 loss (slower); the default already survives process crashes.
-            verify: Check every tensor read against its recorded CRC-32.
+            verify: Check every tensor read against its recorded CRC-32s (its data, its
+                header, and the metadata.json written with it).
             mmap: Return tensors of 1 MiB or more memory-mapped, copy-on-write: reading costs
                 no copy and touches only the pages used. Writes to such a tensor stay in the
-                process; a later overwrite of the entry (by rename) never changes it. Set
-                False to always read into process memory (e.g. on network file systems, where
-                another host truncating a file under a mapping would crash the reader).
-            checksums: Record the CRC-32 of every tensor written, for ``verify``, ``check()``
-                and ``mi-crow-store verify``. It is computed on a helper thread while the data
-                is written; False saves the memory bandwidth it takes (large writes were
-                1.16-1.19x faster on a 2-core VM, see ``benchmarks/RESULTS.md``) and writes plain
-                safetensors files, whose damage only ``verify``'s structural checks then catch.
+                process; a later overwrite or delete of the entry (by rename) never changes it,
+                because the store never truncates or rewrites a file in place. The one exception
+                is outside the store's control: if another program truncates the file itself while
+                the tensor is in use, the kernel delivers SIGBUS and the reading process dies (as
+                with any memory-mapped file, numpy's and safetensors' included). Set False to read
+                into process memory instead where that can happen (shared directories that other
+                tools write to, network file systems).
+            checksums: Record the CRC-32s (data and header) of every tensor file written, for
+                ``verify``, ``check()`` and ``mi-crow-store verify``. They are computed on a
+                helper thread while the data is written; False saves the memory bandwidth that
+                takes (measured in ``benchmarks/write.py``, see ``benchmarks/RESULTS.md``) and
+                writes plain safetensors files, whose damage only structural checks then catch.
+            allow_nan: Accept NaN and ±Infinity in metadata, written as Python's ``json`` and
+                mi_crow 1.0 write them (``NaN``, ``Infinity``); False writes strict JSON and
+                refuses them with ``ValueError``.
         """
-        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify, checksums=checksums)
+        super().__init__(
+            base_path,
+            runs_prefix,
+            dataset_prefix,
+            model_prefix,
+            verify=verify,
+            checksums=checksums,
+            allow_nan=allow_nan,
+        )
         self.durable = durable
         self._mmap_min = MMAP_MIN_BYTES if mmap else None
-        self._writers = _WriterLock(self.base_path)
+        self._writers = _WriterLock(self._base)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -239,165 +279,184 @@ class LocalStore(LayoutStore):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._writers = _WriterLock(self.base_path)
+        self._writers = _WriterLock(self._base)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.base_path)!r}, durable={self.durable})"
 
-    # ------------------------------------------------------------------ paths
-
-    def _path(self, key: str, *, create_parent: bool = False) -> str:
-        """The file-system path of ``key``, after checking it resolves inside ``base_path``.
-
-        Keys are built from validated names (no ``..``, no empty parts), so a path none of
-        whose parts below ``base_path`` is a symbolic link is inside it: one ``lstat`` per
-        part decides that. Only when a part is a link is the path resolved and compared.
-        With ``create_parent``, missing parent directories are made.
-        """
-        path = os.path.join(self.base_path, key)
-        parts = key.split("/")
-        cur = os.fspath(self.base_path)
-        for depth, part in enumerate(parts):
-            cur = os.path.join(cur, part)
-            try:
-                mode = os.lstat(cur).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                # Nothing below here exists, so nothing below here is a link.
-                if create_parent and depth < len(parts) - 1:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                return path
-            if stat.S_ISLNK(mode):
-                return self._resolved_path(key, path, create_parent)
-        return path
-
-    def _resolved_path(self, key: str, path: str, create_parent: bool) -> str:
-        """``_path`` for a key that passes through a symbolic link: allowed only inside the store."""
-        base = os.path.realpath(self.base_path)
-        real = os.path.realpath(path)
-        if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
-            raise ValueError(
-                f"{key!r} resolves to {real}, outside the store's base_path {base}: "
-                "a symbolic link inside the store points outside it"
-            )
-        if create_parent:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        return path
-
-    def _sync_dir(self, path: str) -> None:
-        if self.durable:
-            _atomic.fsync_dir(path)
+    @property
+    def _base(self) -> str:
+        return os.fspath(self.base_path)
 
     # ------------------------------------------------------------------ byte operations
 
-    def _write(self, key: str, payload: Payload) -> None:
-        with self._writers.shared():
-            self._write_locked(key, payload)
+    def _in_parent(self, key: str, op: Callable[[int, str, str], T]) -> T:
+        """Run ``op(dir_fd, name, where)`` in the directory of ``key``, made if missing.
 
-    def _write_locked(self, key: str, payload: Payload) -> None:
-        path = self._path(key, create_parent=True)
-        parent = os.path.dirname(path)
-        tmp = os.path.join(parent, _atomic.unique_name(_atomic.TMP_PREFIX))
-        try:
-            _atomic.create_file(tmp, payload, durable=self.durable)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        self._sync_dir(parent)
+        If ``op`` fails, the directories this call made are removed again (a failed write to a
+        new run leaves no run behind). If it fails because its directory was removed under it
+        (a concurrent ``delete_run``), it starts over: the write then lands after the delete.
+        """
+        parts = _split(key)
+        where = self._where(key)
+        for attempt in range(_WRITE_RETRIES):
+            with _fs.Walk(self._base, parts[:-1], create=True) as w:
+                try:
+                    return op(w.fd, parts[-1], where)
+                except FileNotFoundError:
+                    if attempt + 1 < _WRITE_RETRIES and any(_fs.unlinked(fd) for fd in w.fds[1:]):
+                        continue
+                    w.undo()
+                    raise
+                except BaseException:
+                    w.undo()
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _sync(self, dir_fd: int) -> None:
+        if self.durable:
+            _atomic.fsync_dir(dir_fd)
+
+    def _write(self, key: str, payload: Payload) -> None:
+        def op(dir_fd: int, name: str, where: str) -> None:
+            tmp = _atomic.unique_name(_atomic.TMP_PREFIX)
+            try:
+                _atomic.create_file(dir_fd, tmp, payload, durable=self.durable, where=where)
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException as e:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                if isinstance(e, OSError):
+                    raise _fs.named(e, where) from None
+                raise
+            self._sync(dir_fd)
+
+        with self._writers.shared():
+            self._in_parent(key, op)
 
     def _write_new(self, key: str, payload: Payload) -> bool:
-        with self._writers.shared():
-            return self._write_new_locked(key, payload)
+        def op(dir_fd: int, name: str, where: str) -> bool:
+            tmp = _atomic.unique_name(_atomic.TMP_PREFIX)
+            try:
+                _atomic.create_file(dir_fd, tmp, payload, durable=self.durable, where=where)
+            except BaseException as e:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                if isinstance(e, OSError):
+                    raise _fs.named(e, where) from None
+                raise
+            try:
+                created = _atomic.rename_noreplace(dir_fd, tmp, name)
+            except OSError as e:
+                raise _fs.named(e, where) from None
+            if created:
+                self._sync(dir_fd)
+            return created
 
-    def _write_new_locked(self, key: str, payload: Payload) -> bool:
-        path = self._path(key, create_parent=True)
-        parent = os.path.dirname(path)
-        tmp = os.path.join(parent, _atomic.unique_name(_atomic.TMP_PREFIX))
-        try:
-            _atomic.create_file(tmp, payload, durable=self.durable)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        created = _atomic.rename_noreplace(tmp, path)
-        if created:
-            self._sync_dir(parent)
-        return created
+        with self._writers.shared():
+            return self._in_parent(key, op)
 
     def _write_dir(self, key: str, files: Mapping[str, Payload]) -> None:
-        with self._writers.shared():
-            self._write_dir_locked(key, files)
+        def op(dir_fd: int, name: str, where: str) -> None:
+            stage = _atomic.unique_name(_atomic.STAGE_PREFIX)
+            os.mkdir(stage, 0o777, dir_fd=dir_fd)
+            try:
+                self._fill(dir_fd, stage, files, where)
+                old = _atomic.replace_dir(dir_fd, stage, name)
+            except BaseException as e:
+                with contextlib.suppress(OSError):
+                    _fs.rmtree_at(dir_fd, stage)
+                if isinstance(e, OSError):
+                    raise _fs.named(e, where) from None
+                raise
+            self._sync(dir_fd)
+            if old is not None:
+                # The previous version, now unreachable; if removal fails, gc() finds it later.
+                with contextlib.suppress(OSError):
+                    _fs.rmtree_at(dir_fd, old)
 
-    def _write_dir_locked(self, key: str, files: Mapping[str, Payload]) -> None:
-        path = self._path(key, create_parent=True)
-        parent = os.path.dirname(path)
-        stage = os.path.join(parent, _atomic.unique_name(_atomic.STAGE_PREFIX))
-        os.mkdir(stage)
+        with self._writers.shared():
+            self._in_parent(key, op)
+
+    def _fill(self, dir_fd: int, stage: str, files: Mapping[str, Payload], where: str) -> None:
+        """Write ``files`` into the new staging directory ``stage`` of ``dir_fd``."""
+        dirs = {"": _fs.open_dir_at(dir_fd, stage, where)}
         try:
-            subdirs = {stage}
             for rel, payload in files.items():
-                target = os.path.join(stage, rel)
-                sub = os.path.dirname(target)
-                _make_subdir(sub, subdirs)
-                _atomic.create_file(target, payload, durable=self.durable)
+                parent, _, name = rel.rpartition("/")
+                if parent not in dirs:
+                    for part in _prefixes(parent):  # each missing level, top-down
+                        if part not in dirs:
+                            above, _, leaf = part.rpartition("/")
+                            os.mkdir(leaf, 0o777, dir_fd=dirs[above])
+                            dirs[part] = _fs.open_dir_at(dirs[above], leaf, os.path.join(where, part))
+                _atomic.create_file(dirs[parent], name, payload, durable=self.durable, where=os.path.join(where, rel))
             if self.durable:
-                for sub in subdirs:
-                    _atomic.fsync_dir(sub)
-            old = _atomic.replace_dir(stage, path)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        self._sync_dir(parent)
-        if old is not None:
-            # The previous version, now unreachable; if removal fails, gc() finds it later.
-            shutil.rmtree(old, ignore_errors=True)
+                for fd in dirs.values():
+                    _atomic.fsync_dir(fd)
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
 
     @contextlib.contextmanager
     def _open(self, key: str) -> Iterator[BinaryIO]:
-        with open(self._path(key), "rb", buffering=0) as f:
+        parts = _split(key)
+        where = self._where(key)
+        w = _fs.walk_or_none(self._base, parts[:-1])
+        if w is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where)
+        with w:
+            fd = _fs.open_file_at(w.fd, parts[-1], where)
+        with open(fd, "rb", buffering=0) as f:
             yield f
 
     @contextlib.contextmanager
     def _open_dir(self, key: str) -> Iterator[_LocalDir]:
-        path = self._path(key)
-        try:
-            d = _LocalDir(path)
-        except NotADirectoryError:
-            raise FileNotFoundError(errno.ENOENT, "not a directory", path) from None
+        with _fs.Walk(self._base, _split(key), create=False) as w:
+            fd = w.fds.pop()
+        d = _LocalDir(self, key, fd)
         try:
             yield d
         finally:
             d.close()
 
     def _list(self, key: str) -> list[tuple[str, bool]]:
-        try:
-            with os.scandir(self._path(key)) as it:
-                return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-        except (FileNotFoundError, NotADirectoryError):
+        w = _fs.walk_or_none(self._base, _split(key))
+        if w is None:
             return []
+        with w:
+            return _fs.scan(w.fd)
 
     def _delete(self, key: str) -> None:
-        with self._writers.shared():
-            self._delete_locked(key)
-
-    def _delete_locked(self, key: str) -> None:
-        path = self._path(key)
-        parent = os.path.dirname(path)
-        if os.path.isdir(path) and not os.path.islink(path):
-            aside = os.path.join(parent, _atomic.unique_name(_atomic.TRASH_PREFIX))
+        parts = _split(key)
+        w = _fs.walk_or_none(self._base, parts[:-1])
+        if w is None:
+            return  # nothing to delete: create nothing (not even the lock file)
+        name = parts[-1]
+        with w:
             try:
-                os.rename(path, aside)
+                mode = os.stat(name, dir_fd=w.fd, follow_symlinks=False).st_mode
             except FileNotFoundError:
                 return
-            self._sync_dir(parent)
-            shutil.rmtree(aside)
-        else:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                return
-            self._sync_dir(parent)
+            with self._writers.shared():
+                if stat.S_ISDIR(mode):
+                    # Renamed aside first so that the entry vanishes at once; a link swapped in
+                    # meanwhile is renamed (and then unlinked) itself, never followed.
+                    aside = _atomic.unique_name(_atomic.TRASH_PREFIX)
+                    try:
+                        os.rename(name, aside, src_dir_fd=w.fd, dst_dir_fd=w.fd)
+                    except FileNotFoundError:
+                        return
+                    self._sync(w.fd)
+                    _fs.rmtree_at(w.fd, aside)
+                else:
+                    try:
+                        os.unlink(name, dir_fd=w.fd)
+                    except FileNotFoundError:
+                        return
+                    except IsADirectoryError:  # swapped for a directory meanwhile: delete that
+                        _fs.rmtree_at(w.fd, name)
+                    self._sync(w.fd)
 
     # ------------------------------------------------------------------ maintenance
 
@@ -405,9 +464,10 @@ class LocalStore(LayoutStore):
         """Remove what killed writers left behind: temp files, staging and trash directories.
 
         Waits until no write of any process is in progress (writers hold a shared lock), so
-        it is safe to run while other processes use the store. Committed entries are never
-        touched: leftovers carry reserved names (``.tmp-``, ``.stage-``, ``.trash-``) that no
-        entry can have.
+        it is safe to run while other processes use the store. Committed entries, and files
+        that are not the store's (``model.pt`` that mi_crow's trainer saves in a run folder),
+        are never touched: leftovers carry reserved names (``.tmp-``, ``.stage-``, ``.trash-``)
+        that no entry can have. Links are never followed.
 
         Returns:
             A :class:`GcReport` with the removed paths and the bytes freed.
@@ -423,21 +483,22 @@ class LocalStore(LayoutStore):
         removed: list[str] = []
         freed = 0
         prefixes = (_atomic.TMP_PREFIX, _atomic.STAGE_PREFIX, _atomic.TRASH_PREFIX)
-        base = str(self.base_path)
-        if not os.path.isdir(base):
+        base_fd = _fs.open_base(self._base, create=False)
+        if base_fd is None:
             return GcReport([], 0)
-        with self._writers.exclusive():
-            for root, dirs, files in os.walk(base):
-                for name in [d for d in dirs if d.startswith(prefixes)]:
-                    path = os.path.join(root, name)
-                    freed += _tree_size(path)
-                    shutil.rmtree(path)
-                    removed.append(path)
-                    dirs.remove(name)
-                for name in files:
-                    if name.startswith(prefixes):
-                        path = os.path.join(root, name)
-                        freed += os.lstat(path).st_size
-                        os.unlink(path)
-                        removed.append(path)
+        try:
+            with self._writers.exclusive():
+                for dir_fd, rel, entries in _fs.walk_tree(base_fd):
+                    for name, _ in entries:
+                        if name.startswith(prefixes):
+                            freed += _fs.rmtree_at(dir_fd, name)
+                            removed.append(os.path.join(self._base, rel, name))
+        finally:
+            os.close(base_fd)
         return GcReport(sorted(removed), freed)
+
+
+def _prefixes(rel: str) -> list[str]:
+    """``"a/b/c"`` -> ``["a", "a/b", "a/b/c"]``; ``""`` -> ``[]``."""
+    parts = _split(rel)
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]

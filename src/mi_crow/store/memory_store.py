@@ -43,6 +43,15 @@ class _MemoryDir:
             data = f.getvalue()  # type: ignore[attr-defined]
         return (data[:n], io.BytesIO(data)) if len(data) >= n else (data, None)
 
+    def list(self, rel: str) -> list[tuple[str, bool]]:
+        prefix = f"{rel}/" if rel else ""
+        children: dict[str, bool] = {}
+        for k in self._files:
+            if k.startswith(prefix):
+                name, sep, _ = k[len(prefix) :].partition("/")
+                children[name] = children.get(name, False) or bool(sep)
+        return list(children.items())
+
     def moved(self) -> bool:
         return False  # a snapshot: it never changes under the reader
 
@@ -71,8 +80,17 @@ class MemoryStore(LayoutStore):
         *,
         verify: bool = False,
         checksums: bool = True,
+        allow_nan: bool = True,
     ):
-        super().__init__(base_path, runs_prefix, dataset_prefix, model_prefix, verify=verify, checksums=checksums)
+        super().__init__(
+            base_path,
+            runs_prefix,
+            dataset_prefix,
+            model_prefix,
+            verify=verify,
+            checksums=checksums,
+            allow_nan=allow_nan,
+        )
         self._files: dict[str, bytes] = {}
         self._lock = threading.RLock()
 
@@ -91,8 +109,12 @@ class MemoryStore(LayoutStore):
     def _where(self, key: str) -> str:
         return f"memory://{key}"
 
+    @staticmethod
+    def _prefix(key: str) -> str:
+        return f"{key}/" if key else ""
+
     def _under(self, key: str) -> list[str]:
-        prefix = key + "/"
+        prefix = self._prefix(key)
         return [k for k in self._files if k.startswith(prefix)]
 
     def _write(self, key: str, payload: Payload) -> None:
@@ -126,16 +148,18 @@ class MemoryStore(LayoutStore):
     @contextlib.contextmanager
     def _open_dir(self, key: str) -> Iterator[_MemoryDir]:
         with self._lock:
-            snapshot = {k[len(key) + 1 :]: self._files[k] for k in self._under(key)}
+            n = len(self._prefix(key))
+            snapshot = {k[n:]: self._files[k] for k in self._under(key)}
         if not snapshot:
             raise _missing(key)
         yield _MemoryDir(snapshot, key)
 
     def _list(self, key: str) -> list[tuple[str, bool]]:
         children: dict[str, bool] = {}
+        n = len(self._prefix(key))
         with self._lock:
             for k in self._under(key):
-                name, sep, _ = k[len(key) + 1 :].partition("/")
+                name, sep, _ = k[n:].partition("/")
                 children[name] = children.get(name, False) or bool(sep)
         return list(children.items())
 

@@ -146,16 +146,22 @@ class Store(abc.ABC):
         return self._iter_range(run_id, start, stop, step)
 
     def _iter_range(self, run_id: str, start: int, stop: int | None, step: int) -> Iterator[RunBatch]:
+        # Visits the stored indices that fall in the range, never the range itself: O(stored
+        # batches) whatever stop is (stop=10**9 over 3 batches reads 3).
         indices = self.list_run_batches(run_id)
         if not indices:
             return
         if stop is None:
             stop = max(indices) + 1
-        for idx in range(start, stop, step):
+        wanted = range(start, stop, step)
+        for idx in sorted((i for i in indices if i in wanted), reverse=step < 0):
             try:
                 yield self.get_run_batch(run_id, idx)
             except FileNotFoundError:
-                continue
+                # Deleted since it was listed: skipped, as a missing index is. A batch that is
+                # still there but damaged (a listed tensor file missing) raises.
+                if idx in self.list_run_batches(run_id):
+                    raise
 
     @abc.abstractmethod
     def delete_run(self, run_id: str) -> None:

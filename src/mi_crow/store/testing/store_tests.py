@@ -94,6 +94,13 @@ json_values = st.recursive(
 _SHARED_STORE = [HealthCheck.function_scoped_fixture, HealthCheck.differing_executors]
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 class StoreTests:
     """Behaviour every backend must show. Subclasses implement :meth:`make_store`."""
 
@@ -129,9 +136,10 @@ class StoreTests:
         "bad, fragment",
         [
             ({"x": object()}, "meta['x'] is a object"),
-            ({"x": float("nan")}, "NaN"),
-            ({"x": [1, float("inf")]}, "meta['x'][1]"),
+            ({"x": [1, {"y": object()}]}, "meta['x'][1]['y']"),
             ({"x": {("t",): 1}}, "key ('t',)"),
+            ({"x": 10**5000}, "bits"),
+            ({"x": _nested(300)}, "nested deeper than"),
             ({"x": torch.ones(1)}, "Tensor"),
             ([1, 2], "must be a dict"),
         ],
@@ -142,6 +150,12 @@ class StoreTests:
             store.put_run_metadata("r", bad)
         assert fragment in str(info.value)
         assert store.get_run_metadata("r") == {"keep": 1}
+
+    def test_run_metadata_nan_and_infinity_round_trip(self, store: Store) -> None:
+        """mi_crow records training losses in run metadata; a diverged run (NaN) must still save."""
+        store.put_run_metadata("r", {"loss": float("nan"), "best": float("inf"), "worst": [float("-inf")]})
+        meta = store.get_run_metadata("r")
+        assert math.isnan(meta["loss"]) and meta["best"] == math.inf and meta["worst"] == [-math.inf]
 
     def test_run_metadata_circular_reference(self, store: Store) -> None:
         loop: dict[str, Any] = {}
@@ -461,8 +475,8 @@ class StoreTests:
         store.put_run_detector_metadata("r", {"i": 0}, {"l": {"k": torch.ones(1)}})
         with pytest.raises(ValueError, match="_tensor_metadata_names"):
             store.put_run_detector_metadata("r", {"_tensor_metadata_names": 1}, {})
-        with pytest.raises(ValueError, match="NaN"):
-            store.put_run_detector_metadata("r", {"loss": float("nan")}, {})
+        with pytest.raises(ValueError, match="nested deeper"):
+            store.put_run_detector_metadata("r", {"deep": _nested(300)}, {})
         with pytest.raises(ValueError, match=r"torch\.Tensor"):
             store.put_run_detector_metadata("r", {}, {"l": {"k": [1]}})  # type: ignore[dict-item]
         assert [m for m, _ in store.iter_run_detector_metadata("r")] == [{"i": 0}]
@@ -501,8 +515,8 @@ class StoreTests:
         store.put_model("m", {"w": torch.ones(1)}, {"v": 1})
         with pytest.raises(ValueError, match=r"torch\.Tensor"):
             store.put_model("m", {"w": "x"}, {"v": 2})  # type: ignore[dict-item]
-        with pytest.raises(ValueError, match="NaN"):
-            store.put_model("m", {"w": torch.ones(1)}, {"v": float("nan")})
+        with pytest.raises(ValueError, match="not JSON-serialisable"):
+            store.put_model("m", {"w": torch.ones(1)}, {"v": object()})
         with pytest.raises(ValueError, match="model_id"):
             store.put_model("a/b", {"w": torch.ones(1)})
         assert store.get_model("m")[1] == {"v": 1}
@@ -532,16 +546,13 @@ class StoreTests:
             lambda: store.put_detector_metadata(name, 0, {}, t),
             lambda: store.get_detector_metadata(name, 0),
             lambda: store.get_detector_metadata_by_layer_by_key(name, 0, "l", "k"),
-            lambda: store.get_detector_metadata_by_layer_by_key("r", 0, name, "k"),
             lambda: store.get_detector_metadata_by_layer_by_key("r", 0, "l", name),
-            lambda: store.put_detector_metadata("r", 0, {}, {name: {"k": torch.ones(1)}}),
             lambda: store.put_detector_metadata("r", 0, {}, {"l": {name: torch.ones(1)}}),
             lambda: store.put_run_batch(name, 0, [torch.ones(1)]),
             lambda: store.get_run_batch(name, 0),
             lambda: store.list_run_batches(name),
             lambda: store.delete_run(name),
             lambda: store.put_run_detector_metadata(name, {}, t),
-            lambda: store.put_run_detector_metadata("r", {}, {name: {"k": torch.ones(1)}}),
             lambda: store.put_run_detector_metadata("r", {}, {"l": {name: torch.ones(1)}}),
             lambda: list(store.iter_run_detector_metadata(name)),
             lambda: store.put_model(name, {"w": torch.ones(1)}),
@@ -549,13 +560,38 @@ class StoreTests:
             lambda: store.delete_model(name),
             lambda: list(store.iter_run_batch_range(name)),
         ]
+        if type(name) is not int:  # mi_crow 1.0 takes int layer signatures (stored as str(layer))
+            calls += [
+                lambda: store.get_detector_metadata_by_layer_by_key("r", 0, name, "k"),
+                lambda: store.put_detector_metadata("r", 0, {}, {name: {"k": torch.ones(1)}}),
+                lambda: store.put_run_detector_metadata("r", {}, {name: {"k": torch.ones(1)}}),
+            ]
         for i, call in enumerate(calls):
             with pytest.raises(ValueError) as info:
                 call()
             assert repr(name)[:30] in str(info.value) or type(name).__name__ in str(info.value), (i, str(info.value))
         assert store.list_runs() == [] and store.list_models() == []
 
-    @pytest.mark.parametrize("index", [True, False, 1.0, "0", -1, None, [0]], ids=repr)
+    def test_int_layer_signatures_are_stored_as_str(self, store: Store) -> None:
+        """mi_crow 1.0's ``register_hook(layer_signature: str | int)``: stored as ``str(layer)``."""
+        t = sample_tensor(torch.float32, (2, 3), 1)
+        store.put_detector_metadata("r", 0, {}, {3: {"activations": t}})  # type: ignore[dict-item]
+        _, tensors = store.get_detector_metadata("r", 0)
+        assert list(tensors) == ["3"]
+        assert_same(tensors["3"]["activations"], t)
+        assert_same(store.get_detector_metadata_by_layer_by_key("r", 0, 3, "activations"), t)  # type: ignore[arg-type]
+        store.put_run_detector_metadata("r", {"i": 0}, {7: {"top": t}})  # type: ignore[dict-item]
+        [(_, got)] = list(store.iter_run_detector_metadata("r"))  # type: ignore[attr-defined]
+        assert list(got) == ["7"]
+        with pytest.raises(ValueError, match="twice"):
+            store.put_detector_metadata("r", 1, {}, {3: {"k": t}, "3": {"k": t}})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match="layer"):
+            store.put_detector_metadata("r", 1, {}, {True: {"k": t}})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match=r"metadata\.json"):
+            store.put_detector_metadata("r", 1, {}, {"metadata.json": {"k": t}})
+        assert store.list_run_batches("r") == [0]
+
+    @pytest.mark.parametrize("index", [True, False, 1.0, "0", -1, None, [0], 2**63, 10**250], ids=repr)
     def test_bad_batch_index(self, store: Store, index: Any) -> None:
         for call in (
             lambda: store.put_detector_metadata("r", index, {}, {}),

@@ -1,0 +1,300 @@
+"""Descriptor-relative file-system access below one trusted directory (``base_path``).
+
+Nothing here re-walks a path string: a path is resolved from a descriptor of ``base_path``
+downwards, one component at a time, each opened with ``O_NOFOLLOW`` (directories also with
+``O_DIRECTORY``), and every create, rename, remove and listing is done relative to the
+descriptor of its directory (``openat``, ``mkdirat``, ``renameat2``, ``unlinkat``,
+``fdopendir``). So a process that swaps a directory inside the store for a symbolic link, at any
+instant, can make a call fail but never lead it outside ``base_path``: a link is never followed,
+whether it points inside or outside the store (``base_path`` itself may be one: the user chose
+it). Files are opened with ``O_NONBLOCK`` and must be regular files, so a FIFO or a device planted
+in the store is refused at once instead of blocking the reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator, Sequence
+
+from mi_crow.store.errors import CorruptFileError
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+# How often a tree removal rescans a directory that writers keep filling (delete racing a write).
+_RMTREE_ROUNDS = 64
+
+
+def kind(mode: int) -> str:
+    """What an ``st_mode`` is, in words, for error messages."""
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "regular file" if stat.S_ISREG(mode) else f"file of mode {mode:o}"
+
+
+def _link_error(where: str) -> CorruptFileError:
+    return CorruptFileError(
+        where, "is a symbolic link; the store never writes links and never follows one below base_path"
+    )
+
+
+def _not_a(dir_fd: int, name: str, where: str, wanted: str) -> OSError:
+    """The error for ``name`` (in ``dir_fd``) not being a ``wanted``: a link, a FIFO, ..."""
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:  # removed meanwhile
+        return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where)
+    if stat.S_ISLNK(mode):
+        return _link_error(where)
+    return CorruptFileError(where, f"is a {kind(mode)}, not a {wanted}")
+
+
+def named(e: OSError, where: str) -> OSError:
+    """``e`` (raised by a call on a name relative to a descriptor) naming ``where`` instead."""
+    if isinstance(e, CorruptFileError):
+        return e
+    return type(e)(e.errno, e.strerror, where)
+
+
+def open_dir_at(dir_fd: int, name: str, where: str) -> int:
+    """Open directory ``name`` of ``dir_fd`` without following a link.
+
+    Raises:
+        FileNotFoundError: If it does not exist.
+        CorruptFileError: If it is a symbolic link or not a directory.
+    """
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where) from None
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise _not_a(dir_fd, name, where, "directory") from None
+        raise named(e, where) from None
+
+
+def open_file_at(dir_fd: int, name: str, where: str) -> int:
+    """Open regular file ``name`` of ``dir_fd`` for reading, without following a link or blocking.
+
+    Raises:
+        FileNotFoundError: If it does not exist.
+        CorruptFileError: If it is a symbolic link, a FIFO, a device, a directory or a socket.
+    """
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where) from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EISDIR):
+            raise _not_a(dir_fd, name, where, "regular file") from None
+        raise named(e, where) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CorruptFileError(where, f"is a {kind(mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_base(base: str, *, create: bool) -> int | None:
+    """Open ``base_path`` (following a link there: it is the user's choice); ``None`` if it does not
+    exist and ``create`` is false."""
+    if create:
+        os.makedirs(base or ".", exist_ok=True)
+    try:
+        return os.open(base or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+
+
+class Walk:
+    """The directories from ``base_path`` down to ``parts``, held open by descriptor.
+
+    ``fds[0]`` is ``base_path``, ``fds[i]`` the directory ``parts[:i]``; ``fd`` is the last one.
+    With ``create``, missing directories are made (``mkdirat``) and remembered, so that a write
+    that fails can remove what it made (:meth:`undo`) and leave no empty run behind.
+    """
+
+    def __init__(self, base: str, parts: Sequence[str], *, create: bool):
+        self.base = base
+        self.parts = list(parts)
+        self.fds: list[int] = []
+        self.made: list[int] = []  # indices into parts of the directories this walk created
+        try:
+            self._open(create)
+        except BaseException:
+            self.close()
+            raise
+
+    def where(self, depth: int | None = None) -> str:
+        return os.path.join(self.base, *self.parts[:depth])
+
+    def _open(self, create: bool) -> None:
+        fd = open_base(self.base, create=create)
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.base)
+        self.fds.append(fd)
+        for i, name in enumerate(self.parts):
+            where = self.where(i + 1)
+            if create:
+                try:
+                    os.mkdir(name, 0o777, dir_fd=fd)
+                    self.made.append(i)
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise named(e, where) from None
+            fd = open_dir_at(fd, name, where)
+            self.fds.append(fd)
+
+    @property
+    def fd(self) -> int:
+        return self.fds[-1]
+
+    def undo(self) -> None:
+        """Remove the directories this walk created, deepest first, where they are still empty."""
+        for i in reversed(self.made):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.parts[i], dir_fd=self.fds[i])
+        self.made = []
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __enter__(self) -> Walk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def walk_or_none(base: str, parts: Sequence[str]) -> Walk | None:
+    """A :class:`Walk` without creating anything; ``None`` if a directory on the way is missing."""
+    try:
+        return Walk(base, parts, create=False)
+    except FileNotFoundError:
+        return None
+
+
+def identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def unlinked(fd: int) -> bool:
+    """Whether the directory open as ``fd`` was removed (a removed directory has no links left)."""
+    return os.fstat(fd).st_nlink == 0
+
+
+def rmtree_at(dir_fd: int, name: str) -> int:
+    """Remove ``name`` of ``dir_fd`` and everything below it, never following a link; return the
+    bytes of the files removed. A link is removed itself, never its target. Entries that vanish
+    meanwhile (another remover) are skipped; entries that writers add meanwhile are removed too.
+
+    Raises:
+        OSError: If a directory stays non-empty through many rescans, or removal is not permitted.
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+            return st.st_size
+        return 0
+    freed = 0
+    for _ in range(_RMTREE_ROUNDS):
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return freed
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            # Swapped for a link or file meanwhile: remove that entry itself.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+            return freed
+        try:
+            with os.scandir(fd) as it:
+                children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            for child, _is_dir in children:
+                freed += rmtree_at(fd, child)
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+            return freed
+        except FileNotFoundError:
+            return freed
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # A writer added an entry meanwhile: scan again.
+    raise OSError(errno.ENOTEMPTY, "directory kept being refilled while it was removed", name)
+
+
+def tree_size_at(dir_fd: int, name: str) -> int:
+    """Bytes held by the files of ``name`` (a file or a tree), never following a link."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    total = 0
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return 0
+    try:
+        with os.scandir(fd) as it:
+            names = [e.name for e in it]
+        for child in names:
+            total += tree_size_at(fd, child)
+    finally:
+        os.close(fd)
+    return total
+
+
+def scan(fd: int) -> list[tuple[str, bool]]:
+    """``(name, is_dir)`` of the entries of the directory open as ``fd`` (links count as files)."""
+    with os.scandir(fd) as it:
+        return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+
+
+def walk_tree(fd: int, rel: str = "") -> Iterator[tuple[int, str, list[tuple[str, bool]]]]:
+    """Yield ``(dir_fd, rel_path, entries)`` for the directory ``fd`` and every directory below it,
+    top-down, never following a link. The caller may remove entries before they are descended
+    into (the entries list is re-checked against the directory)."""
+    entries = scan(fd)
+    yield fd, rel, entries
+    for name, is_dir in entries:
+        if not is_dir:
+            continue
+        try:
+            sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+        except OSError:  # removed by the caller or meanwhile, or swapped for a link
+            continue
+        try:
+            yield from walk_tree(sub, f"{rel}/{name}" if rel else name)
+        finally:
+            os.close(sub)
