@@ -2,7 +2,10 @@
 
 Children come from a ``forkserver`` that has already imported torch and the store, so each
 starts in milliseconds; they report progress by appending lines to a log file with single
-``write`` calls (which survive the writer being SIGKILLed at any instant).
+``write`` calls (which survive the writer being SIGKILLed at any instant). Timestamps in the
+logs are ``time.monotonic()``, which on Linux is one clock for all processes since boot, so the
+parent can place its kill relative to what the child did. A child that raises logs an ``error``
+line with its traceback, so the test reports it instead of waiting for a line that never comes.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import multiprocessing
 import os
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -100,13 +104,39 @@ CRASH_OPS: dict[str, Callable[[LocalStore, int], None]] = {
 }
 
 
+def log_error(log: str) -> None:
+    log_line(log, "error " + json.dumps(traceback.format_exc()))
+
+
 def crash_writer(op: str, root: str, log: str, first: int) -> None:
-    """Run ``op`` with versions first, first+1, ... until killed; log each version that returned."""
-    store = LocalStore(root)
-    log_line(log, "start")
-    for v in range(first, first + 100_000):
-        CRASH_OPS[op](store, v)
-        log_line(log, str(v))
+    """Run ``op`` with versions first, first+1, ... until killed.
+
+    Logs ``start T`` just before the first call, then ``V T`` after each version ``V`` whose call
+    returned, ``T`` being ``time.monotonic()`` at that point.
+    """
+    try:
+        store = LocalStore(root)
+        log_line(log, f"start {time.monotonic()!r}")
+        for v in range(first, first + 100_000):
+            CRASH_OPS[op](store, v)
+            log_line(log, f"{v} {time.monotonic()!r}")
+    except BaseException:
+        log_error(log)
+        raise
+
+
+def parse_crash_log(lines: list[str]) -> tuple[float | None, list[tuple[int, float]], str | None]:
+    """``crash_writer``'s log: (start time, [(version, time it returned)], error traceback)."""
+    start, calls, error = None, [], None
+    for line in lines:
+        head, _, rest = line.partition(" ")
+        if head == "start":
+            start = float(rest)
+        elif head == "error":
+            error = json.loads(rest)
+        else:
+            calls.append((int(head), float(rest)))
+    return start, calls, error
 
 
 # ---------------------------------------------------------------------- concurrent workers
@@ -141,33 +171,54 @@ def metadata_writer(root: str, writer: int, count: int) -> None:
         store.put_run_metadata("shared", {"writer": writer, "i": i, "pad": "y" * 20_000})
 
 
-def reader(root: str, kind: str, log: str, stop_file: str) -> None:
-    """Read continuously until ``stop_file`` exists; log a JSON summary (and any inconsistency)."""
-    store = LocalStore(root)
-    reads, errors, seen = 0, [], set()
-    deadline = time.monotonic() + 60
-    while not os.path.exists(stop_file) and time.monotonic() < deadline:
-        try:
-            if kind == "batch":
-                meta, tensors = store.get_detector_metadata("shared", 0)
-                v = meta["v"]
-                seen.add(v)
-                if len(tensors) != 3:
-                    errors.append(f"v={v}: layers {sorted(tensors)}")
-                for layer, keys in tensors.items():
-                    for key, t in keys.items():
-                        if not bool((t == v).all()):
-                            errors.append(f"v={v}: {layer}/{key} holds {t.unique().tolist()[:3]}")
-            else:
-                meta = store.get_run_metadata("shared")
-                if meta:
-                    seen.add((meta["writer"], meta["i"]))
-                    if meta["pad"] != "y" * 20_000:
-                        errors.append("torn metadata")
-        except Exception as e:  # reported to the test, which fails on any
-            errors.append(f"{type(e).__name__}: {e}")
-        reads += 1
-    log_line(log, json.dumps({"reads": reads, "errors": errors[:20], "versions": len(seen)}))
+def reader(root: str, kind: str, log: str, stop_file: str, hang_guard_s: float = 600.0) -> None:
+    """Read continuously until ``stop_file`` exists; log a JSON summary (and any inconsistency).
+
+    Logs ``ready`` after its first read, so the test can start the writers only once the reader is
+    reading (however slowly this process was started). The reader always reads at least once and
+    then stops at the first check that finds ``stop_file``; ``hang_guard_s`` only ends a reader
+    whose test died without creating it, and the summary says which of the two stopped it.
+    """
+    try:
+        store = LocalStore(root)
+        reads: int = 0
+        errors: list[str] = []
+        seen: set[Any] = set()
+        deadline = time.monotonic() + hang_guard_s
+        stopped = "stop file"
+        while True:
+            try:
+                if kind == "batch":
+                    meta, tensors = store.get_detector_metadata("shared", 0)
+                    v = meta["v"]
+                    seen.add(v)
+                    if len(tensors) != 3:
+                        errors.append(f"v={v}: layers {sorted(tensors)}")
+                    for layer, keys in tensors.items():
+                        for key, t in keys.items():
+                            if not bool((t == v).all()):
+                                errors.append(f"v={v}: {layer}/{key} holds {t.unique().tolist()[:3]}")
+                else:
+                    meta = store.get_run_metadata("shared")
+                    if meta:
+                        seen.add((meta["writer"], meta["i"]))
+                        if meta["pad"] != "y" * 20_000:
+                            errors.append("torn metadata")
+            except Exception as e:  # reported to the test, which fails on any
+                errors.append(f"{type(e).__name__}: {e}")
+            reads += 1
+            if reads == 1:
+                log_line(log, "ready")
+            if os.path.exists(stop_file):
+                break
+            if time.monotonic() > deadline:
+                stopped = "hang guard"
+                break
+        summary = {"reads": reads, "errors": errors[:20], "versions": len(seen), "stopped": stopped}
+        log_line(log, json.dumps(summary))
+    except BaseException:
+        log_error(log)
+        raise
 
 
 def entry_order(root: str, log: str) -> None:

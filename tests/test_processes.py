@@ -4,15 +4,23 @@ Each crash trial starts a writer that repeats one operation with increasing vers
 with SIGKILL after a random delay, and checks the store: every listed entry reads back
 complete and consistent with exactly one version, every call that had returned is still
 there, and the store takes new writes. ``gc`` then removes exactly the leftovers.
+
+Nothing here assumes how long anything takes: kill delays are multiples of the operation's
+duration measured from the writer's own log in the same run, the concurrency tests start their
+writers once the readers have logged a first read, and the timeouts that remain (``HANG_S``,
+``join``) only fire on a real hang.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import signal
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +32,37 @@ from mi_crow.store.testing.store_tests import assert_same
 
 TRIALS = int(os.environ.get("MI_CROW_STORE_CRASH_TRIALS", "8"))
 SEED = int(os.environ.get("MI_CROW_STORE_CRASH_SEED", "20261128"))
+# Kill delays are drawn uniformly from [0, KILL_SPAN x the measured duration of one call], from the
+# writer's "start" (the kill may land inside the first call) or, in every other trial, from its first
+# returned call (at least one call is done): about KILL_SPAN / 2 calls complete on average, and the
+# kill lands at a uniformly random point of some call.
+KILL_SPAN = 4.0
+HANG_S = 300.0  # only a child that is stuck (or a machine that is not running it at all) reaches this
+
+
+def wait_for_log(proc: object, log: str, ready: Callable[[list[str]], bool], what: str) -> list[str]:
+    """Poll ``log`` until ``ready(lines)``; fail at once if the child exits first (with its log)."""
+    deadline = time.monotonic() + HANG_S
+    while True:
+        lines = pw.read_log(log)
+        if ready(lines):
+            return lines
+        code = proc.exitcode  # type: ignore[attr-defined]
+        if code is not None:
+            lines = pw.read_log(log)
+            if ready(lines):
+                return lines
+            raise AssertionError(f"child exited with {code} before {what}; its log ends: {lines[-3:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"hang: no {what} within {HANG_S:.0f} s; log ends: {lines[-3:]}")
+        time.sleep(0.002)
+
+
+def stop_process(proc: object) -> None:
+    """SIGKILL a child that is still running (after a failed check), so no test leaves one behind."""
+    if proc.exitcode is None:  # type: ignore[attr-defined]
+        proc.kill()  # type: ignore[attr-defined]
+        proc.join(HANG_S)  # type: ignore[attr-defined]
 
 
 def consistent(tensors: dict[str, dict[str, torch.Tensor]], v: int, layers: int) -> None:
@@ -100,6 +139,12 @@ def leftover_bytes(root: Path) -> int:
     return total
 
 
+def call_durations(start: float | None, calls: list[tuple[int, float]]) -> list[float]:
+    """Seconds each logged call took: from the start line, then from the previous call's return."""
+    stamps = ([] if start is None else [start]) + [t for _, t in calls]
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
 @pytest.mark.parametrize("op", sorted(pw.CRASH_OPS))
 def test_sigkill_at_random_instants(op: str, tmp_path: Path) -> None:
     ctx = pw.context()
@@ -112,23 +157,52 @@ def test_sigkill_at_random_instants(op: str, tmp_path: Path) -> None:
     rng = random.Random(f"{SEED}-{op}")
     done: list[int] = []
     started: list[int] = []
+    durations: list[float] = []  # of every call logged so far in this test: this machine, this load
+    trials: list[str] = []  # one line per trial, for the messages of failed checks
     for trial in range(TRIALS):
         log = str(tmp_path / f"log-{trial}")
         first = trial * 10_000 + 1
         started.append(first)
+        # Even trials (and any trial before a duration was measured) count from the first returned
+        # call, odd ones from the start; so both "killed inside the first call" and "killed after
+        # several calls" happen, and every even trial has at least one call done.
+        after_first = trial % 2 == 0 or not durations
         proc = ctx.Process(target=pw.crash_writer, args=(op, str(root), log, first))
         proc.start()
-        deadline = time.monotonic() + 60
-        while not pw.read_log(log) and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert pw.read_log(log), "writer did not start"
-        time.sleep(rng.uniform(0, 0.08))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
-        assert proc.exitcode == -signal.SIGKILL
-        done += [int(line) for line in pw.read_log(log)[1:]]
+        try:
+            if after_first:
+                lines = wait_for_log(proc, log, lambda ls: len(ls) >= 2, "first returned call")
+            else:
+                lines = wait_for_log(proc, log, lambda ls: len(ls) >= 1, "start line")
+            begin, calls, error = pw.parse_crash_log(lines)
+            assert error is None and begin is not None, (lines, error)
+            # The median of all calls measured so far; in the first trial, its first call.
+            call_s = statistics.median(durations) if durations else calls[0][1] - begin
+            origin = calls[0][1] if after_first else begin
+            delay = rng.uniform(0, KILL_SPAN * call_s)
+            time.sleep(max(0.0, origin + delay - time.monotonic()))
+            lines = pw.read_log(log)
+            assert proc.exitcode is None, f"writer exited with {proc.exitcode} before the kill: {lines[-3:]}"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(HANG_S)
+            assert proc.exitcode == -signal.SIGKILL, proc.exitcode
+        finally:
+            stop_process(proc)
+        begin, calls, error = pw.parse_crash_log(pw.read_log(log))
+        assert error is None, error
+        durations += call_durations(begin, calls)
+        trials.append(
+            f"trial {trial}: from {'first call' if after_first else 'start'}, call {call_s * 1e3:.1f} ms,"
+            f" kill after {delay * 1e3:.1f} ms, {len(calls)} calls done"
+        )
+        print(op, trials[-1])  # shown with the failure of any later check, or with -s
+        if after_first:
+            assert calls, trials[-1]
+        done += [v for v, _ in calls]
         check_after_crash(op, store, done, started)
-    assert done, "no call completed in any trial; the delays are too short to test anything"
+    # Every even trial waited for a returned call, so the checks above covered calls that had
+    # returned before the kill; this only fails if that waiting is broken.
+    assert done, f"no call completed in any trial: {trials}"
     # The store takes new writes after all those crashes, and they read back.
     pw.CRASH_OPS[op](store, 999_999)
     check_after_crash(op, store, [*done, 999_999], [*started, 999_999])
@@ -144,11 +218,61 @@ def test_sigkill_at_random_instants(op: str, tmp_path: Path) -> None:
 
 def run_all(ctx: object, target: object, args_list: list[tuple[object, ...]]) -> None:
     procs = [ctx.Process(target=target, args=args) for args in args_list]  # type: ignore[attr-defined]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0, f"{target} exited with {p.exitcode}"
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(HANG_S)  # a hang guard: a slow machine only makes this wait longer
+            assert p.exitcode == 0, f"{target} exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.pid is not None:
+                stop_process(p)
+
+
+class Readers:
+    """``pw.reader`` children that are known to be reading once the ``with`` block starts.
+
+    They are stopped (stop file, then join) when the block ends, also when it fails, and each
+    one's JSON summary is in ``summaries`` afterwards.
+    """
+
+    def __init__(self, ctx: object, root: str, kind: str, tmp_path: Path, count: int) -> None:
+        self.stop = str(tmp_path / f"stop-{kind}")
+        self.logs = [str(tmp_path / f"reader-{kind}-{k}") for k in range(count)]
+        self.procs = [ctx.Process(target=pw.reader, args=(root, kind, log, self.stop)) for log in self.logs]  # type: ignore[attr-defined]
+        self.summaries: list[dict[str, object]] = []
+
+    def __enter__(self) -> Readers:
+        for r in self.procs:
+            r.start()
+        try:
+            for r, log in zip(self.procs, self.logs, strict=True):
+                wait_for_log(r, log, lambda ls: "ready" in ls, "first read")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Path(self.stop).touch()
+        try:
+            for r, log in zip(self.procs, self.logs, strict=True):
+                r.join(HANG_S)
+                lines = pw.read_log(log)
+                assert r.exitcode == 0, f"reader exited with {r.exitcode}; log ends: {lines[-3:]}"
+                self.summaries.append(json.loads(lines[-1]))
+        finally:
+            for r in self.procs:
+                stop_process(r)
+
+    def check(self) -> None:
+        """No reader saw an inconsistent entry, and each read until the writers were done."""
+        assert len(self.summaries) == len(self.procs)
+        for summary in self.summaries:
+            assert summary["errors"] == []
+            assert summary["stopped"] == "stop file"
+            assert summary["reads"] > 0  # type: ignore[operator]
 
 
 def test_concurrent_appenders_lose_nothing(tmp_path: Path) -> None:
@@ -189,20 +313,9 @@ def test_readers_never_see_a_mix_while_processes_overwrite(tmp_path: Path) -> No
     ctx = pw.context()
     root = str(tmp_path / "store")
     LocalStore(root).put_detector_metadata("shared", 0, {"v": 0}, pw.batch_tensors(0, layers=3, n=32 * 1024))
-    stop = str(tmp_path / "stop")
-    logs = [str(tmp_path / f"reader-{k}") for k in range(2)]
-    readers = [ctx.Process(target=pw.reader, args=(root, "batch", log, stop)) for log in logs]
-    for r in readers:
-        r.start()
-    run_all(ctx, pw.overwriter, [(root, w, 60) for w in range(2)])
-    Path(stop).touch()
-    for r in readers:
-        r.join(60)
-        assert r.exitcode == 0
-    for log in logs:
-        summary = json.loads(pw.read_log(log)[0])
-        assert summary["errors"] == []
-        assert summary["reads"] > 0
+    with Readers(ctx, root, "batch", tmp_path, 2) as readers:
+        run_all(ctx, pw.overwriter, [(root, w, 60) for w in range(2)])
+    readers.check()
     meta, tensors = LocalStore(root).get_detector_metadata("shared", 0)
     assert meta["v"] in {59 + 1, 100_000 + 59 + 1}  # the last write of one of the writers
     consistent(tensors, meta["v"], 3)
@@ -211,14 +324,8 @@ def test_readers_never_see_a_mix_while_processes_overwrite(tmp_path: Path) -> No
 def test_concurrent_run_metadata_last_writer_wins_never_torn(tmp_path: Path) -> None:
     ctx = pw.context()
     root = str(tmp_path / "store")
-    stop = str(tmp_path / "stop")
-    log = str(tmp_path / "reader")
-    reader = ctx.Process(target=pw.reader, args=(root, "metadata", log, stop))
-    reader.start()
-    run_all(ctx, pw.metadata_writer, [(root, w, 40) for w in range(4)])
-    Path(stop).touch()
-    reader.join(60)
-    summary = json.loads(pw.read_log(log)[0])
-    assert summary["errors"] == []
+    with Readers(ctx, root, "metadata", tmp_path, 1) as readers:
+        run_all(ctx, pw.metadata_writer, [(root, w, 40) for w in range(4)])
+    readers.check()
     final = LocalStore(root).get_run_metadata("shared")
     assert final["i"] == 39 and final["pad"] == "y" * 20_000

@@ -151,7 +151,13 @@ class Walk:
         self.fds.append(fd)
         for i, name in enumerate(self.parts):
             where = self.where(i + 1)
-            if create:
+            try:
+                fd = open_dir_at(fd, name, where)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                # Made here (or by a concurrent writer: EEXIST), then opened like any other: a link
+                # swapped in between the two is refused by O_NOFOLLOW, never followed.
                 try:
                     os.mkdir(name, 0o777, dir_fd=fd)
                     self.made.append(i)
@@ -159,7 +165,7 @@ class Walk:
                     pass
                 except OSError as e:
                     raise named(e, where) from None
-            fd = open_dir_at(fd, name, where)
+                fd = open_dir_at(fd, name, where)
             self.fds.append(fd)
 
     @property

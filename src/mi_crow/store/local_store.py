@@ -143,16 +143,12 @@ class _WriterLock:
 
     def _current(self) -> bool:
         """Whether our open lock file is still the one at ``base_path`` (the store may have been
-        removed and made again)."""
-        base_fd = _fs.open_base(self.base, create=False)
-        if base_fd is None:
-            return False
+        removed and made again). ``base_path`` is trusted; the lock file's own name is not
+        followed if it is a link."""
         try:
-            st = os.stat(LOCK_NAME, dir_fd=base_fd, follow_symlinks=False)
-        except FileNotFoundError:
+            st = os.stat(self.path, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
             return False
-        finally:
-            os.close(base_fd)
         mine = os.fstat(self._fd)
         return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 

@@ -581,7 +581,7 @@ class StoreTests:
         assert_same(tensors["3"]["activations"], t)
         assert_same(store.get_detector_metadata_by_layer_by_key("r", 0, 3, "activations"), t)  # type: ignore[arg-type]
         store.put_run_detector_metadata("r", {"i": 0}, {7: {"top": t}})  # type: ignore[dict-item]
-        [(_, got)] = list(store.iter_run_detector_metadata("r"))  # type: ignore[attr-defined]
+        [(_, got)] = list(store.iter_run_detector_metadata("r"))
         assert list(got) == ["7"]
         with pytest.raises(ValueError, match="twice"):
             store.put_detector_metadata("r", 1, {}, {3: {"k": t}, "3": {"k": t}})  # type: ignore[dict-item]

@@ -1,0 +1,92 @@
+"""This tree against an earlier commit of the package, side by side in one run.
+
+    python benchmarks/versus_commit.py [--base REV] [--quick]
+
+The base commit's ``src`` is checked out into a temporary git worktree; each version runs in its
+own worker process (``_version_worker.py``) on its own directory, and the two alternate round by
+round, in rotating order, on the same workloads: large and small batch writes, batch and tensor
+reads, appends, run metadata, listing and deletes. Prints the median seconds per call of each
+version and the ratio (this tree / base; below 1 is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import REPO, median, parse_args, print_header, print_table, rotated, work_dir
+
+# op, calls per round (full, quick)
+OPS = [
+    ("put_batch_large", 4, 2),
+    ("put_batch_small", 200, 50),
+    ("get_batch_64x4", 50, 10),
+    ("get_one_tensor", 500, 100),
+    ("get_one_tensor_32MiB", 20, 5),
+    ("append_4KiB", 300, 50),
+    ("run_metadata_put_get", 300, 50),
+    ("list_10k_batches", 10, 3),
+    ("delete_run_20_batches", 5, 2),
+]
+
+
+class Worker:
+    def __init__(self, src: Path):
+        script = Path(__file__).with_name("_version_worker.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(src)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def call(self, **cmd: object) -> list[float]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        out = json.loads(self.proc.stdout.readline())
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return list(out["seconds"])
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def main() -> None:
+    args = parse_args(
+        __doc__, lambda p: p.add_argument("--base", default="HEAD~1", help="the commit to compare with (HEAD~1)")
+    )
+    rounds = 3 if args.quick else 8
+    base_rev = subprocess.run(
+        ["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    print_header(f"This tree against commit {base_rev}")
+    with tempfile.TemporaryDirectory(prefix="mi-crow-base-") as tree, work_dir(args.dir) as root:
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "-q", tree, base_rev], cwd=REPO, check=True, capture_output=True
+        )
+        try:
+            workers = {"base": Worker(Path(tree) / "src"), "this": Worker(REPO / "src")}
+            times: dict[tuple[str, str], list[float]] = {}
+            for rep in range(rounds):
+                for op, n_full, n_quick in OPS:
+                    for name in rotated(list(workers), rep):
+                        got = workers[name].call(op=op, n=n_quick if args.quick else n_full, root=str(root / name))
+                        times.setdefault((op, name), []).extend(got)
+            for w in workers.values():
+                w.close()
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, check=False, capture_output=True)
+    rows = []
+    for op, _, _ in OPS:
+        base, this = median(times[(op, "base")]), median(times[(op, "this")])
+        rows.append([op, f"{base * 1e6:.0f} us", f"{this * 1e6:.0f} us", f"{this / base:.2f}x"])
+    print(f"{rounds} rounds, versions alternating in rotating order; medians of every call\n")
+    print_table(["workload", f"base {base_rev}", "this tree", "this / base"], rows)
+
+
+if __name__ == "__main__":
+    main()
