@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from mi_crow.store.errors import CorruptFileError
 
@@ -214,71 +215,70 @@ def rmtree_at(dir_fd: int, name: str) -> int:
     bytes of the files removed. A link is removed itself, never its target. Entries that vanish
     meanwhile (another remover) are skipped; entries that writers add meanwhile are removed too.
 
+    Iterative (a hostile tree of any depth raises no ``RecursionError``); it holds one
+    descriptor per level of the tree.
+
     Raises:
-        OSError: If a directory stays non-empty through many rescans, or removal is not permitted.
+        OSError: If a directory stays non-empty through many rescans, removal is not permitted,
+            or the tree is deeper than the process may open descriptors.
     """
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
-            return st.st_size
-        return 0
     freed = 0
-    for _ in range(_RMTREE_ROUNDS):
-        try:
-            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-        except FileNotFoundError:
-            return freed
-        except OSError as e:
-            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
-                raise
-            # Swapped for a link or file meanwhile: remove that entry itself.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=dir_fd)
-            return freed
-        try:
-            with os.scandir(fd) as it:
-                children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-            for child, _is_dir in children:
-                freed += rmtree_at(fd, child)
-        finally:
+    # A frame per directory being emptied: [parent fd, name, its fd or -1, children left or None, rescans].
+    stack: list[list[Any]] = [[dir_fd, name, -1, None, 0]]
+    try:
+        while stack:
+            frame = stack[-1]
+            parent, entry, fd, children, rounds = frame
+            if fd < 0:
+                try:
+                    st = os.stat(entry, dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    stack.pop()
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry, dir_fd=parent)
+                        freed += st.st_size
+                    stack.pop()
+                    continue
+                try:
+                    fd = frame[2] = os.open(entry, DIR_FLAGS, dir_fd=parent)
+                except FileNotFoundError:
+                    stack.pop()
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    with contextlib.suppress(FileNotFoundError):  # swapped for a link or file meanwhile
+                        os.unlink(entry, dir_fd=parent)
+                    stack.pop()
+                    continue
+            if children is None:
+                children = frame[3] = [child for child, _ in scan(fd)]
+            if children:
+                stack.append([fd, children.pop(), -1, None, 0])
+                continue
             os.close(fd)
-        try:
-            os.rmdir(name, dir_fd=dir_fd)
-            return freed
-        except FileNotFoundError:
-            return freed
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            # A writer added an entry meanwhile: scan again.
-    raise OSError(errno.ENOTEMPTY, "directory kept being refilled while it was removed", name)
-
-
-def tree_size_at(dir_fd: int, name: str) -> int:
-    """Bytes held by the files of ``name`` (a file or a tree), never following a link."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        return st.st_size
-    total = 0
-    try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-    except OSError:
-        return 0
-    try:
-        with os.scandir(fd) as it:
-            names = [e.name for e in it]
-        for child in names:
-            total += tree_size_at(fd, child)
+            frame[2] = -1
+            try:
+                os.rmdir(entry, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if rounds + 1 >= _RMTREE_ROUNDS:
+                    raise OSError(
+                        errno.ENOTEMPTY, "directory kept being refilled while it was removed", entry
+                    ) from None
+                frame[3], frame[4] = None, rounds + 1  # a writer added an entry meanwhile: scan again
+                continue
+            stack.pop()
     finally:
-        os.close(fd)
-    return total
+        for frame in stack:
+            if frame[2] >= 0:
+                os.close(frame[2])
+    return freed
 
 
 def scan(fd: int) -> list[tuple[str, bool]]:
@@ -287,20 +287,36 @@ def scan(fd: int) -> list[tuple[str, bool]]:
         return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
 
 
-def walk_tree(fd: int, rel: str = "") -> Iterator[tuple[int, str, list[tuple[str, bool]]]]:
+def walk_tree(fd: int) -> Iterator[tuple[int, str, list[tuple[str, bool]]]]:
     """Yield ``(dir_fd, rel_path, entries)`` for the directory ``fd`` and every directory below it,
     top-down, never following a link. The caller may remove entries before they are descended
-    into (the entries list is re-checked against the directory)."""
+    into (a directory that cannot be opened any more is skipped). Iterative, like
+    :func:`rmtree_at`."""
     entries = scan(fd)
-    yield fd, rel, entries
-    for name, is_dir in entries:
-        if not is_dir:
-            continue
-        try:
-            sub = os.open(name, DIR_FLAGS, dir_fd=fd)
-        except OSError:  # removed by the caller or meanwhile, or swapped for a link
-            continue
-        try:
-            yield from walk_tree(sub, f"{rel}/{name}" if rel else name)
-        finally:
-            os.close(sub)
+    yield fd, "", entries
+    stack: list[tuple[int, str, list[str]]] = [(fd, "", [n for n, is_dir in reversed(entries) if is_dir])]
+    try:
+        while stack:
+            dir_fd, rel, todo = stack[-1]
+            if not todo:
+                stack.pop()
+                if dir_fd != fd:
+                    os.close(dir_fd)
+                continue
+            name = todo.pop()
+            try:
+                sub = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            except OSError:  # removed by the caller or meanwhile, or swapped for a link
+                continue
+            sub_rel = f"{rel}/{name}" if rel else name
+            try:
+                sub_entries = scan(sub)
+            except OSError:
+                os.close(sub)
+                continue
+            stack.append((sub, sub_rel, [n for n, is_dir in reversed(sub_entries) if is_dir]))
+            yield sub, sub_rel, sub_entries
+    finally:
+        for dir_fd, _, _ in stack:
+            if dir_fd != fd:
+                os.close(dir_fd)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mi_crow.store._names import check_name
+from mi_crow.store._names import check_layer, check_name
 from mi_crow.store.store import Store
 
 _DONE = object()
@@ -147,7 +147,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             raise ValueError("run_ids must name at least one run")
         for run in self.run_ids:
             check_name(run, "run_id")
-        self.layer = check_name(layer, "layer")
+        self.layer = check_layer(layer, "layer")
         self.key = check_name(key, "key")
         self.mask_key = check_name(mask_key, "mask_key")
         for name, value, low in (
