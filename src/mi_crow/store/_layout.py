@@ -272,7 +272,7 @@ class LayoutStore(Store):
         if size > MAX_JSON_BYTES:
             raise InvalidJSONError(where, f"{size:,} bytes of JSON; at most {MAX_JSON_BYTES:,} are read")
         f.seek(0)
-        return f.read(MAX_JSON_BYTES + 1)
+        return f.read(size)  # exactly its size: read(MAX_JSON_BYTES) would allocate that much first
 
     def _metadata(self, meta: Any, what: str, reserved: Sequence[str] = ()) -> dict[str, Any]:
         """Check the caller's metadata by this store's JSON rules (``allow_nan``)."""
@@ -777,6 +777,8 @@ class LayoutStore(Store):
             where = self._where(key)
             with self._open(key) as f:
                 header = tf.read_header(f, where)
+                if self.verify_reads:
+                    header.check_header()  # also for an entry without tensors
                 metadata, tnames = self._parse_entry(header, where)
                 tensors: TensorMetadata = {}
                 for layer, keys in self._read_names_field(tnames, where).items():
@@ -1044,17 +1046,22 @@ class LayoutStore(Store):
                 problems += self._check_batch(key)
             elif index is not None:
                 problems += self._check_tensor_file(key)
+            elif is_dir and _batch_index(name, False) is not None:
+                problems.append(Problem(self._where(key), "is a directory, not a run batch file"))
         det = self._detectors_dir(run)
         legacy = self._guarded(self._where(f"{det}/{METADATA_FILE}"), lambda: self._legacy_run_entries(det), problems)
-        legacy_files = {
-            f"{det}/{layer}/{k}.safetensors"
-            for entry in legacy or []
-            if isinstance(entry, dict) and isinstance(entry.get(TENSOR_NAMES_FIELD), dict)
-            for layer, keys in entry[TENSOR_NAMES_FIELD].items()
-            if isinstance(keys, list) and _is_valid_name(layer)
-            for k in keys
-            if _is_valid_name(k)
-        }
+        legacy_where = self._where(f"{det}/{METADATA_FILE}")
+        legacy_files: set[str] = set()
+        for i, entry in enumerate(legacy or []):
+            if not isinstance(entry, dict):
+                problems.append(Problem(legacy_where, f"entry {i} of 'batches' is not a JSON object"))
+                continue
+            try:
+                listed = self._read_names_field(entry.get(TENSOR_NAMES_FIELD, {}), legacy_where)
+            except CorruptFileError as e:
+                problems.append(Problem(e.path, f"entry {i} of 'batches': {e.reason}"))
+                continue
+            legacy_files |= {f"{det}/{layer}/{k}.safetensors" for layer, keys in listed.items() for k in keys}
         for key in sorted(legacy_files):
             problems += self._check_tensor_file(key)
         names = self._guarded(self._where(f"{det}/{ENTRIES_DIR}"), lambda: self._entry_names(det), problems) or []

@@ -505,6 +505,8 @@ def read_all(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor of a file and its ``__metadata__``; names sorted, as safetensors does."""
     header = read_header(f, where)
+    if verify:
+        header.check_header()  # also for a file without tensors
     in_file_order = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
     loaded = {name: read_tensor(f, header, name, where, verify=verify, mmap_min=mmap_min) for name in in_file_order}
     return {name: loaded[name] for name in sorted(loaded)}, header.metadata

@@ -84,10 +84,15 @@ class _LocalDir:
 
     def moved(self) -> bool:
         try:
-            with _fs.Walk(self._store._base, _split(self._key), create=False) as w:
-                return _fs.identity(w.fd) != _fs.identity(self.fd)
-        except (FileNotFoundError, CorruptFileError):
+            fd = _fs.open_path(self._store._base, _split(self._key), directory=True)
+        except CorruptFileError:
             return True
+        if fd is None:
+            return True
+        try:
+            return _fs.identity(fd) != _fs.identity(self.fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         for fd in self._subdirs.values():
@@ -396,20 +401,17 @@ class LocalStore(LayoutStore):
 
     @contextlib.contextmanager
     def _open(self, key: str) -> Iterator[BinaryIO]:
-        parts = _split(key)
-        where = self._where(key)
-        w = _fs.walk_or_none(self._base, parts[:-1])
-        if w is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where)
-        with w:
-            fd = _fs.open_file_at(w.fd, parts[-1], where)
+        fd = _fs.open_path(self._base, _split(key), directory=False)
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self._where(key))
         with open(fd, "rb", buffering=0) as f:
             yield f
 
     @contextlib.contextmanager
     def _open_dir(self, key: str) -> Iterator[_LocalDir]:
-        with _fs.Walk(self._base, _split(key), create=False) as w:
-            fd = w.fds.pop()
+        fd = _fs.open_path(self._base, _split(key), directory=True)
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self._where(key))
         d = _LocalDir(self, key, fd)
         try:
             yield d
@@ -417,19 +419,21 @@ class LocalStore(LayoutStore):
             d.close()
 
     def _list(self, key: str) -> list[tuple[str, bool]]:
-        w = _fs.walk_or_none(self._base, _split(key))
-        if w is None:
+        fd = _fs.open_path(self._base, _split(key), directory=True)
+        if fd is None:
             return []
-        with w:
-            return _fs.scan(w.fd)
+        try:
+            return _fs.scan(fd)
+        finally:
+            os.close(fd)
 
     def _delete(self, key: str) -> None:
         parts = _split(key)
-        w = _fs.walk_or_none(self._base, parts[:-1])
-        if w is None:
+        parent = _fs.open_path(self._base, parts[:-1], directory=True)
+        if parent is None:
             return  # nothing to delete: create nothing (not even the lock file)
         name = parts[-1]
-        with w:
+        with contextlib.closing(_Fd(parent)) as w:
             try:
                 mode = os.stat(name, dir_fd=w.fd, follow_symlinks=False).st_mode
             except FileNotFoundError:
@@ -492,6 +496,16 @@ class LocalStore(LayoutStore):
         finally:
             os.close(base_fd)
         return GcReport(sorted(removed), freed)
+
+
+class _Fd:
+    """An open descriptor, closed by ``contextlib.closing``."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _prefixes(rel: str) -> list[str]:
