@@ -11,6 +11,7 @@ version and the ratio (this tree / base; below 1 is faster).
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -56,10 +57,14 @@ class Worker:
 
 
 def main() -> None:
-    args = parse_args(
-        __doc__, lambda p: p.add_argument("--base", default="HEAD~1", help="the commit to compare with (HEAD~1)")
-    )
-    rounds = 3 if args.quick else 8
+    def extra(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--base", default="HEAD~1", help="the commit to compare with (HEAD~1)")
+        p.add_argument("--only", default="", help="comma-separated workloads to run (default: all)")
+        p.add_argument("--rounds", type=int, default=None, help="rounds (default 8, quick 3)")
+
+    args = parse_args(__doc__, extra)
+    ops = [op for op in OPS if not args.only or op[0] in args.only.split(",")]
+    rounds = args.rounds or (3 if args.quick else 8)
     base_rev = subprocess.run(
         ["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -72,7 +77,7 @@ def main() -> None:
             workers = {"base": Worker(Path(tree) / "src"), "this": Worker(REPO / "src")}
             times: dict[tuple[str, str], list[float]] = {}
             for rep in range(rounds):
-                for op, n_full, n_quick in OPS:
+                for op, n_full, n_quick in ops:
                     for name in rotated(list(workers), rep):
                         got = workers[name].call(op=op, n=n_quick if args.quick else n_full, root=str(root / name))
                         times.setdefault((op, name), []).extend(got)
@@ -81,7 +86,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, check=False, capture_output=True)
     rows = []
-    for op, _, _ in OPS:
+    for op, _, _ in ops:
         base, this = median(times[(op, "base")]), median(times[(op, "this")])
         rows.append([op, f"{base * 1e6:.0f} us", f"{this * 1e6:.0f} us", f"{this / base:.2f}x"])
     print(f"{rounds} rounds, versions alternating in rotating order; medians of every call\n")

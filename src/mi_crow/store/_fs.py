@@ -20,7 +20,7 @@ import errno
 import os
 import platform
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mi_crow.store.errors import CorruptFileError
@@ -131,8 +131,10 @@ def open_dir_at(dir_fd: int, name: str, where: str) -> int:
         raise named(e, where) from None
 
 
-def open_file_at(dir_fd: int, name: str, where: str) -> int:
+def open_file_at(dir_fd: int, name: str, where: str | Callable[[], str]) -> int:
     """Open regular file ``name`` of ``dir_fd`` for reading, without following a link or blocking.
+
+    ``where`` names the file in errors (a callable is called only then: this runs once per file read).
 
     Raises:
         FileNotFoundError: If it does not exist.
@@ -140,16 +142,19 @@ def open_file_at(dir_fd: int, name: str, where: str) -> int:
     """
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), where) from None
     except OSError as e:
+        path = where if isinstance(where, str) else where()
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from None
         if e.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EISDIR):
-            raise _not_a(dir_fd, name, where, "regular file") from None
-        raise named(e, where) from None
+            raise _not_a(dir_fd, name, path, "regular file") from None
+        raise named(e, path) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise CorruptFileError(where, f"is a {kind(mode)}, not a regular file")
+            raise CorruptFileError(
+                where if isinstance(where, str) else where(), f"is a {kind(mode)}, not a regular file"
+            )
     except BaseException:
         os.close(fd)
         raise

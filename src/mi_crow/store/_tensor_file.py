@@ -391,28 +391,26 @@ def parse_header(prefix: bytes, rest: BinaryIO | None, where: str) -> Header:
             if type(info) is not dict:
                 raise TypeError("not a JSON object")
             dtype = CODE_TO_DTYPE[info["dtype"]]
-            if type(info["shape"]) is not list or len(info["shape"]) > MAX_NDIM:
+            raw_shape = info["shape"]
+            if type(raw_shape) is not list or len(raw_shape) > MAX_NDIM:
                 raise ValueError(f"shape must be a list of at most {MAX_NDIM} dimensions")
-            shape = tuple(info["shape"])
-            offsets = info["data_offsets"]
-            if type(offsets) is not list or len(offsets) != 2:
-                raise ValueError("data_offsets must be a list [begin, end]")
-            begin, end = offsets
-            # Exact type checks (JSON gives int, never bool): a shape of ints >= 0 only, whose size
-            # (zero dimensions counted as 1, as torch's strides are) fits int64.
-            extent = dtype.itemsize
+            shape = tuple(raw_shape)
+            begin, end = info["data_offsets"]  # anything but two items raises
+            if type(begin) is not int or type(end) is not int:
+                raise ValueError("non-integer data offsets")
+            # Exact type checks (JSON gives int, never bool): a shape of ints >= 0 only, whose extent
+            # (zero dimensions counted as 1, as torch's strides are) times the element size fits int64.
+            nbytes = extent = dtype.itemsize
             for d in shape:
                 if type(d) is not int or d < 0:
                     raise ValueError("negative or non-integer dimension")
-                extent *= max(d, 1)
-                if extent > _MAX_TENSOR_BYTES:
-                    raise ValueError("the shape's extent does not fit int64")
-            if type(begin) is not int or type(end) is not int:
-                raise ValueError("non-integer data offsets")
+                nbytes *= d
+                extent *= d or 1
+            if extent > _MAX_TENSOR_BYTES:
+                raise ValueError("the shape's extent does not fit int64")
         except (KeyError, TypeError, ValueError) as e:
             shown = repr(info)
             raise _corrupt(where, f"bad header entry for tensor {name!r}: {shown[:200]} ({e})") from None
-        nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0:
             raise _corrupt(where, f"tensor {name!r} has offsets {begin}..{end} but needs {nbytes} bytes")
         if end > data_len:

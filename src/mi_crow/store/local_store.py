@@ -73,6 +73,16 @@ class _LocalDir:
     def _open_fd(self, rel: str) -> int:
         parent, _, name = rel.rpartition("/")
         dir_fd = self._subdir(parent) if parent else self.fd
+        # _fs.open_file_at inlined for the common case (this runs once per tensor file of a batch);
+        # on any error or a file that is not regular, it runs again to raise the precise error.
+        try:
+            fd = os.open(name, _fs.FILE_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
         return _fs.open_file_at(dir_fd, name, os.path.join(self.path, rel))
 
     def list(self, rel: str) -> list[tuple[str, bool]]:
