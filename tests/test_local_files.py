@@ -561,3 +561,15 @@ def test_list_run_batches_takes_only_names_the_store_writes(store: LocalStore) -
     ):
         (run / f).write_bytes(b"")
     assert store.list_run_batches("r") == [0, 5, 7, 12, 1_000_000]
+
+
+def test_appends_without_renameat2_use_link(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The put-if-absent fallback (``link``, then unlink the temp file) claims each number once."""
+    monkeypatch.setattr(atomic, "_renameat2_works", False)
+    for i in range(3):
+        store.put_run_detector_metadata("r", {"i": i}, {"l": {"k": torch.full((2,), float(i))}})
+    store._append_next.clear()  # another process's view: it must find the taken numbers
+    store.put_run_detector_metadata("r", {"i": 3}, {})
+    assert [m["i"] for m, _ in store.iter_run_detector_metadata("r")] == [0, 1, 2, 3]
+    entries = sorted(p.name for p in (store.base_path / "runs/r/detectors/.entries").iterdir())
+    assert entries == [f"{n:012d}.safetensors" for n in range(4)]

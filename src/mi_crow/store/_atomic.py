@@ -144,17 +144,18 @@ def rename_noreplace(dir_fd: int, src: str, dst: str) -> bool:
     """
     try:
         if _rename2(dir_fd, src, dst, _RENAME_NOREPLACE):
-            return True
-        try:
-            os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            return False
-        return True
+            return True  # src was moved: nothing left to remove
+        os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)  # the fallback
+        created = True
     except FileExistsError:
-        return False
-    finally:
+        created = False
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(src, dir_fd=dir_fd)
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(src, dir_fd=dir_fd)
+    return created
 
 
 def replace_dir(dir_fd: int, src: str, dst: str) -> str | None:

@@ -312,10 +312,11 @@ def unlinked(fd: int) -> bool:
     return os.fstat(fd).st_nlink == 0
 
 
-def rmtree_at(dir_fd: int, name: str) -> int:
+def rmtree_at(dir_fd: int, name: str, *, count_bytes: bool = False) -> int:
     """Remove ``name`` of ``dir_fd`` and everything below it, never following a link; return the
-    bytes of the files removed. A link is removed itself, never its target. Entries that vanish
-    meanwhile (another remover) are skipped; entries that writers add meanwhile are removed too.
+    bytes of the files removed (with ``count_bytes``; else 0, and no ``stat`` per file). A link is
+    removed itself, never its target. Entries that vanish meanwhile (another remover) are skipped;
+    entries that writers add meanwhile are removed too.
 
     Iterative (a hostile tree of any depth raises no ``RecursionError``); it holds one
     descriptor per level of the tree.
@@ -325,43 +326,52 @@ def rmtree_at(dir_fd: int, name: str) -> int:
             or the tree is deeper than the process may open descriptors.
     """
     freed = 0
-    # A frame per directory being emptied: [parent fd, name, its fd or -1, children left or None, rescans].
-    stack: list[list[Any]] = [[dir_fd, name, -1, None, 0]]
+    # A frame per entry being removed: [parent fd, name, is a directory (None: unknown),
+    #                                   its fd or -1, children left or None, rescans].
+    stack: list[list[Any]] = [[dir_fd, name, None, -1, None, 0]]
     try:
         while stack:
             frame = stack[-1]
-            parent, entry, fd, children, rounds = frame
+            parent, entry, is_dir, fd, children, rounds = frame
             if fd < 0:
-                try:
-                    st = os.stat(entry, dir_fd=parent, follow_symlinks=False)
-                except FileNotFoundError:
-                    stack.pop()
-                    continue
-                if not stat.S_ISDIR(st.st_mode):
-                    with contextlib.suppress(FileNotFoundError):
+                if is_dir is None or (count_bytes and not is_dir):
+                    try:
+                        st = os.stat(entry, dir_fd=parent, follow_symlinks=False)
+                    except FileNotFoundError:
+                        stack.pop()
+                        continue
+                    is_dir = stat.S_ISDIR(st.st_mode)
+                    size = 0 if is_dir else st.st_size
+                else:
+                    size = 0
+                if not is_dir:
+                    try:
                         os.unlink(entry, dir_fd=parent)
-                        freed += st.st_size
-                    stack.pop()
+                        freed += size
+                        stack.pop()
+                    except FileNotFoundError:
+                        stack.pop()
+                    except IsADirectoryError:  # swapped for a directory meanwhile
+                        frame[2] = True
                     continue
                 try:
-                    fd = frame[2] = os.open(entry, DIR_FLAGS, dir_fd=parent)
+                    fd = frame[3] = os.open(entry, DIR_FLAGS, dir_fd=parent)
                 except FileNotFoundError:
                     stack.pop()
                     continue
                 except OSError as e:
                     if e.errno not in (errno.ENOTDIR, errno.ELOOP):
                         raise
-                    with contextlib.suppress(FileNotFoundError):  # swapped for a link or file meanwhile
-                        os.unlink(entry, dir_fd=parent)
-                    stack.pop()
+                    frame[2] = False  # swapped for a link or file meanwhile: remove that entry itself
                     continue
             if children is None:
-                children = frame[3] = [child for child, _ in scan(fd)]
+                children = frame[4] = scan(fd)
             if children:
-                stack.append([fd, children.pop(), -1, None, 0])
+                child, child_is_dir = children.pop()
+                stack.append([fd, child, child_is_dir, -1, None, 0])
                 continue
             os.close(fd)
-            frame[2] = -1
+            frame[3] = -1
             try:
                 os.rmdir(entry, dir_fd=parent)
             except FileNotFoundError:
@@ -373,13 +383,13 @@ def rmtree_at(dir_fd: int, name: str) -> int:
                     raise OSError(
                         errno.ENOTEMPTY, "directory kept being refilled while it was removed", entry
                     ) from None
-                frame[3], frame[4] = None, rounds + 1  # a writer added an entry meanwhile: scan again
+                frame[4], frame[5] = None, rounds + 1  # a writer added an entry meanwhile: scan again
                 continue
             stack.pop()
     finally:
         for frame in stack:
-            if frame[2] >= 0:
-                os.close(frame[2])
+            if frame[3] >= 0:
+                os.close(frame[3])
     return freed
 
 

@@ -311,6 +311,18 @@ class LocalStore(LayoutStore):
         parts = _split(key)
         where = self._where(key)
         for attempt in range(_WRITE_RETRIES):
+            # The common case: the directory exists; one openat2, nothing made, nothing to undo.
+            fd = _fs.open_path(self._base, parts[:-1], directory=True)
+            if fd is not None:
+                try:
+                    return op(fd, parts[-1], where)
+                except FileNotFoundError:
+                    # Removed under us (the directory, or one above it, emptied and removed).
+                    if attempt + 1 < _WRITE_RETRIES and _fs.unlinked(fd):
+                        continue
+                    raise
+                finally:
+                    os.close(fd)
             with _fs.Walk(self._base, parts[:-1], create=True) as w:
                 try:
                     return op(w.fd, parts[-1], where)
@@ -501,7 +513,7 @@ class LocalStore(LayoutStore):
                 for dir_fd, rel, entries in _fs.walk_tree(base_fd):
                     for name, _ in entries:
                         if name.startswith(prefixes):
-                            freed += _fs.rmtree_at(dir_fd, name)
+                            freed += _fs.rmtree_at(dir_fd, name, count_bytes=True)
                             removed.append(os.path.join(self._base, rel, name))
         finally:
             os.close(base_fd)
