@@ -174,3 +174,30 @@ def reference(args: argparse.Namespace) -> Iterator[Reference | None]:
 def make_tensor(shape: Sequence[int], dtype: str, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(getattr(torch, dtype))
+
+
+@contextmanager
+def base_worktree(rev: str) -> Iterator[tuple[str, Path] | None]:
+    """``(short hash, path of its src)`` of commit ``rev`` checked out in a temporary git worktree,
+    removed afterwards; None (with a note) where the commit or git is not available (a shallow clone)."""
+    try:
+        short = subprocess.run(
+            ["git", "rev-parse", "--short", "--verify", f"{rev}^{{commit}}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        print(f"note: commit {rev!r} is not available here (a shallow clone?); nothing to compare with")
+        yield None
+        return
+    tree = tempfile.mkdtemp(prefix="mi-crow-base-")
+    try:
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "-q", tree, short], cwd=REPO, check=True, capture_output=True
+        )
+        yield short, Path(tree) / "src"
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, check=False, capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)

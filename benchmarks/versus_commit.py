@@ -15,10 +15,9 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from _common import REPO, median, parse_args, print_header, print_table, rotated, work_dir
+from _common import REPO, base_worktree, median, parse_args, print_header, print_table, rotated, work_dir
 
 # op, calls per round (full, quick)
 OPS = [
@@ -65,32 +64,34 @@ def main() -> None:
     args = parse_args(__doc__, extra)
     ops = [op for op in OPS if not args.only or op[0] in args.only.split(",")]
     rounds = args.rounds or (3 if args.quick else 8)
-    base_rev = subprocess.run(
-        ["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    print_header(f"This tree against commit {base_rev}")
-    with tempfile.TemporaryDirectory(prefix="mi-crow-base-") as tree, work_dir(args.dir) as root:
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", "-q", tree, base_rev], cwd=REPO, check=True, capture_output=True
-        )
-        try:
-            workers = {"base": Worker(Path(tree) / "src"), "this": Worker(REPO / "src")}
-            times: dict[tuple[str, str], list[float]] = {}
-            for rep in range(rounds):
-                for op, n_full, n_quick in ops:
-                    for name in rotated(list(workers), rep):
-                        got = workers[name].call(op=op, n=n_quick if args.quick else n_full, root=str(root / name))
-                        times.setdefault((op, name), []).extend(got)
-            for w in workers.values():
-                w.close()
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, check=False, capture_output=True)
+    with base_worktree(args.base) as base, work_dir(args.dir) as root:
+        if base is None:
+            return
+        base_rev, base_src = base
+        print_header(f"This tree against commit {base_rev}")
+        workers = {"base": Worker(base_src), "this": Worker(REPO / "src")}
+        times: dict[tuple[str, str], list[float]] = {}
+        ratios: dict[str, list[float]] = {}
+        for rep in range(rounds):
+            for op, n_full, n_quick in ops:
+                this_round = {}
+                for name in rotated(list(workers), rep):
+                    got = workers[name].call(op=op, n=n_quick if args.quick else n_full, root=str(root / name))
+                    times.setdefault((op, name), []).extend(got)
+                    this_round[name] = median(got)
+                ratios.setdefault(op, []).append(this_round["this"] / this_round["base"])
+        for w in workers.values():
+            w.close()
     rows = []
     for op, _, _ in ops:
         base, this = median(times[(op, "base")]), median(times[(op, "this")])
-        rows.append([op, f"{base * 1e6:.0f} us", f"{this * 1e6:.0f} us", f"{this / base:.2f}x"])
-    print(f"{rounds} rounds, versions alternating in rotating order; medians of every call\n")
-    print_table(["workload", f"base {base_rev}", "this tree", "this / base"], rows)
+        r = ratios[op]
+        rows.append(
+            [op, f"{base * 1e6:.0f} us", f"{this * 1e6:.0f} us", f"{median(r):.2f}x", f"{min(r):.2f}-{max(r):.2f}x"]
+        )
+    print(f"{rounds} rounds, versions alternating in rotating order; medians of every call, and the ratio")
+    print("this / base of each round's medians (median over rounds, and its range): below 1 is faster\n")
+    print_table(["workload", f"base {base_rev}", "this tree", "this / base", "range over rounds"], rows)
 
 
 if __name__ == "__main__":
