@@ -9,9 +9,11 @@ ratios.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -35,9 +37,67 @@ def parse_args(doc: str | None, extra: Callable[[argparse.ArgumentParser], None]
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes (CI)")
     parser.add_argument("--dir", default=None, help="directory to measure in (default: a temp dir under /tmp)")
     parser.add_argument("--no-reference", action="store_true", help="skip mi_crow 1.0")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="DIR",
+        help="also write a bar chart (PNG) of each table's ratio columns into DIR (needs matplotlib)",
+    )
     if extra:
         extra(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.plot:
+        _PLOT["dir"] = Path(args.plot)
+        atexit.register(_write_plots)
+    return args
+
+
+# Tables printed by this process, kept for --plot: (section title, header, rows).
+_PLOT: dict[str, Any] = {"dir": None, "title": "", "tables": []}
+
+
+def _ratio(cell: Any) -> float | None:
+    if isinstance(cell, (int, float)) and not isinstance(cell, bool):
+        return float(cell)
+    text = str(cell).strip().rstrip("x")
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _write_plots() -> None:
+    """One PNG per ratio column ("vs ...", "a / b") of each printed table, made from the measured values."""
+    out: Path = _PLOT["dir"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; no plots written to {out}", file=sys.stderr)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    script = Path(sys.argv[0]).stem
+    for t, (title, head, rows) in enumerate(_PLOT["tables"]):
+        for c, name in enumerate(head):
+            if c == 0 or not (str(name).startswith("vs ") or " / " in str(name)):
+                continue
+            points = [(str(r[0]), _ratio(r[c])) for r in rows]
+            points = [(label, v) for label, v in points if v is not None]
+            if not points:
+                continue
+            fig, ax = plt.subplots(figsize=(8, 0.45 * len(points) + 1.2))
+            ax.barh([p[0] for p in points][::-1], [p[1] for p in points][::-1], color="#3f51b5")
+            ax.axvline(1.0, color="black", linewidth=0.8)
+            ax.set_xlabel(str(name))
+            ax.set_title(title or script, fontsize=10)
+            fig.tight_layout()
+            slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
+            path = out / f"{script}-{t}-{slug}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            print(f"plot: {path}", file=sys.stderr)
 
 
 @contextmanager
@@ -86,6 +146,7 @@ def plain_write(path: Path, t: torch.Tensor) -> None:
 
 
 def print_header(title: str) -> None:
+    _PLOT["title"] = title
     print(f"\n## {title}\n")
     py, cores = platform.python_version(), os.cpu_count()
     print(f"machine: {platform.node()}, {cores} cores, Python {py}, torch {torch.__version__}")
@@ -93,6 +154,8 @@ def print_header(title: str) -> None:
 
 
 def print_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    if _PLOT["dir"] is not None:
+        _PLOT["tables"].append((_PLOT["title"], list(head), [list(r) for r in rows]))
     cells = [list(map(str, head))] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
     for n, r in enumerate(cells):

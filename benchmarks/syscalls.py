@@ -72,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="HEAD~1")
     parser.add_argument("--quick", action="store_true", help="accepted for ./dev bench; the counts are exact anyway")
+    parser.add_argument("--plot", default=None, metavar="DIR", help="accepted for ./dev bench; counts are not plotted")
     args = parser.parse_args()
     if shutil.which("strace") is None:
         print("note: strace is not installed; system calls are not counted")

@@ -1,4 +1,5 @@
-"""The examples in the README and in the docstrings run and print what they say."""
+"""The examples in the README, in the documentation site's pages (docs/) and in the docstrings run and print
+what they say."""
 
 from __future__ import annotations
 
@@ -38,6 +39,39 @@ def test_readme_python_blocks_run(index: int, tmp_path: Path, monkeypatch: pytes
         assert out.strip() == "torch.Size([4, 8]) []"
     if "ActivationCapture(model" in code:
         assert out.strip() == "[0, 1, 2] 384"
+
+
+DOC_PAGES = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md") if python_blocks(p))
+
+
+def expected_prints(code: str) -> list[str] | None:
+    """What the page says each top-level print prints (its trailing comment), or None if one has none."""
+    expected = []
+    for line in code.splitlines():
+        if line.startswith("print("):
+            if "  # " not in line:
+                return None
+            expected.append(line.rsplit("  # ", 1)[1].strip())
+    return expected
+
+
+def test_the_site_has_tutorial_code() -> None:
+    pages = {"getting-started.md", "tutorials/capture-and-train.md", "tutorials/processes-and-ranks.md"}
+    assert {*pages, "how-to/verify-and-gc.md"} <= set(DOC_PAGES)
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_docs_page_python_blocks_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Every python block of a page runs, in order, in one namespace, in a fresh folder; what each
+    print prints is what its comment says."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "docs_page"}
+    for index, code in enumerate(python_blocks(ROOT / "docs" / page)):
+        exec(compile(code, f"docs/{page} block {index}", "exec"), namespace)
+        out = capsys.readouterr().out.splitlines()
+        expected = expected_prints(code)
+        if expected is not None:
+            assert out == expected, f"docs/{page} block {index}"
 
 
 @pytest.mark.parametrize("module", MODULES)

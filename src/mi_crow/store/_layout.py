@@ -757,7 +757,7 @@ class LayoutStore(Store):
         ``_tensor_metadata_names`` fields it adds), then this package's. Entries are read one
         at a time: memory stays bounded by one entry. Yields nothing for a run without any.
 
-        Example:
+        Examples:
             >>> import tempfile, torch
             >>> from mi_crow.store import LocalStore
             >>> store = LocalStore(tempfile.mkdtemp())
@@ -824,7 +824,7 @@ class LayoutStore(Store):
         Raises:
             ValueError: If a parameter, tensor or the metadata is invalid (nothing is written).
 
-        Example:
+        Examples:
             >>> import tempfile, torch
             >>> from mi_crow.store import LocalStore
             >>> store = LocalStore(tempfile.mkdtemp())
@@ -910,7 +910,7 @@ class LayoutStore(Store):
         Raises:
             ValueError: If a run id in ``run_ids`` is not a valid name.
 
-        Example:
+        Examples:
             >>> import tempfile, torch
             >>> from mi_crow.store import LocalStore
             >>> store = LocalStore(tempfile.mkdtemp())

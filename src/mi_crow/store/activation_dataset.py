@@ -109,7 +109,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         world_size: Number of ranks; rank ``r`` reads the ``r``-th share of the chunks.
         prefetch: Windows read ahead on the background thread (0: read in the caller).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mi_crow.store import MemoryStore, ActivationDataset
         >>> store = MemoryStore()

@@ -81,7 +81,7 @@ class ActivationCapture:
         ValueError: If a layer name is unknown (the message names it and lists near names),
             a name is invalid, or a setting is out of range; nothing is written then.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mi_crow.store import ActivationCapture, MemoryStore
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

@@ -218,7 +218,7 @@ class LocalStore(LayoutStore):
     ``durable=True`` files and the directories whose entries changed are also fsync'd, so
     committed entries survive power loss.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> from mi_crow.store import LocalStore
         >>> store = LocalStore(tempfile.mkdtemp())
@@ -494,7 +494,7 @@ class LocalStore(LayoutStore):
         Returns:
             A :class:`GcReport` with the removed paths and the bytes freed.
 
-        Example:
+        Examples:
             >>> import tempfile, torch
             >>> from mi_crow.store import LocalStore
             >>> store = LocalStore(tempfile.mkdtemp())

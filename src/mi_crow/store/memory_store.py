@@ -61,7 +61,7 @@ class MemoryStore(LayoutStore):
 
     Thread-safe; nothing is persisted. ``base_path`` is only used in messages.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mi_crow.store import MemoryStore
         >>> store = MemoryStore()

@@ -35,7 +35,7 @@ class Store(abc.ABC):
     - Layers: Within each batch, tensors are organized by layer_signature
     - Keys: Within each layer, tensors are identified by key (e.g., "activations")
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> from mi_crow.store import LocalStore
         >>> store = LocalStore(tempfile.mkdtemp())
@@ -124,7 +124,7 @@ class Store(abc.ABC):
         Raises ValueError if step == 0 or start < 0. Indices without a batch are skipped.
         The arguments are checked when the method is called, before iteration starts.
 
-        Example:
+        Examples:
             >>> import tempfile, torch
             >>> from mi_crow.store import LocalStore
             >>> store = LocalStore(tempfile.mkdtemp())

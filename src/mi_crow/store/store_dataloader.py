@@ -33,7 +33,7 @@ class StoreDataloader:
         max_batches: Stop after this many mini-batches per epoch, if given.
         logger_instance: Logger for debug messages (mi_crow 1.0's argument).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mi_crow.store import MemoryStore, StoreDataloader
         >>> store = MemoryStore()
