@@ -573,3 +573,23 @@ def test_appends_without_renameat2_use_link(store: LocalStore, monkeypatch: pyte
     assert [m["i"] for m, _ in store.iter_run_detector_metadata("r")] == [0, 1, 2, 3]
     entries = sorted(p.name for p in (store.base_path / "runs/r/detectors/.entries").iterdir())
     assert entries == [f"{n:012d}.safetensors" for n in range(4)]
+
+
+def test_without_openat2_paths_are_walked_one_component_at_a_time(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels without openat2 (or a seccomp filter refusing it): the same results, the same refusals."""
+    from mi_crow.store import _fs
+
+    monkeypatch.setattr(_fs, "_syscall", None)
+    t = torch.arange(6.0)
+    store.put_detector_metadata("r", 0, {"v": 1}, {"l": {"k": t}})
+    assert torch.equal(store.get_detector_metadata_by_layer_by_key("r", 0, "l", "k"), t)
+    assert store.get_detector_metadata("r", 0)[0] == {"v": 1} and store.list_run_batches("r") == [0]
+    assert store.get_run_metadata("missing") == {}
+    (tmp_path / "outside").mkdir()
+    (store.base_path / "runs/evil").symlink_to(tmp_path / "outside")
+    with pytest.raises(CorruptFileError, match=r"runs/evil: is a symbolic link"):
+        store.get_run_metadata("evil")
+    store.delete_run("r")
+    assert store.list_runs() == []

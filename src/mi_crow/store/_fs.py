@@ -266,9 +266,7 @@ def open_path(base: str, parts: Sequence[str], *, directory: bool) -> int | None
         else:
             fd = os.dup(base_fd)
         if fd is None:
-            fd = _open_by_walking(base, base_fd, parts, directory)
-            if fd is None:
-                return None
+            return _open_by_walking(base, parts, directory)
         if not directory:
             try:
                 mode = os.fstat(fd).st_mode
@@ -282,24 +280,16 @@ def open_path(base: str, parts: Sequence[str], *, directory: bool) -> int | None
         os.close(base_fd)
 
 
-def _open_by_walking(base: str, base_fd: int, parts: Sequence[str], directory: bool) -> int | None:
-    fd = base_fd
+def _open_by_walking(base: str, parts: Sequence[str], directory: bool) -> int | None:
+    """:func:`open_path` one component at a time (a :class:`Walk`): where ``openat2`` is missing,
+    and to name the component that ``openat2`` refused."""
     try:
-        for i, name in enumerate(parts):
-            where = os.path.join(base, *parts[: i + 1])
-            last = i == len(parts) - 1
-            try:
-                nxt = open_file_at(fd, name, where) if last and not directory else open_dir_at(fd, name, where)
-            except FileNotFoundError:
-                return None
-            if fd != base_fd:
-                os.close(fd)
-            fd = nxt
-        return fd
-    except BaseException:
-        if fd != base_fd:
-            os.close(fd)
-        raise
+        with Walk(base, parts if directory else parts[:-1], create=False) as w:
+            if directory:
+                return w.fds.pop()  # kept open: Walk.close closes the others
+            return open_file_at(w.fd, parts[-1], os.path.join(base, *parts))
+    except FileNotFoundError:
+        return None
 
 
 def identity(fd: int) -> tuple[int, int]:

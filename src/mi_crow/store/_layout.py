@@ -274,6 +274,20 @@ class LayoutStore(Store):
         f.seek(0)
         return f.read(size)  # exactly its size: read(MAX_JSON_BYTES) would allocate that much first
 
+    @classmethod
+    def _read_json_object_file(cls, f: BinaryIO, where: str) -> tuple[dict[str, Any], bytes]:
+        """The JSON object in the file open as ``f``, and its bytes (for the metadata CRC).
+
+        Raises:
+            InvalidJSONError: If the file is over ``MAX_JSON_BYTES`` or not valid JSON.
+            CorruptMetadataError: If it holds JSON other than an object.
+        """
+        raw = cls._read_json_bytes(f, where)
+        doc = _json.loads(raw, where)
+        if not isinstance(doc, dict):
+            raise CorruptMetadataError(where, f"must hold a JSON object, holds a {_json_type(doc)}")
+        return doc, raw
+
     def _metadata(self, meta: Any, what: str, reserved: Sequence[str] = ()) -> dict[str, Any]:
         """Check the caller's metadata by this store's JSON rules (``allow_nan``)."""
         return _json.check(meta, what, reserved=reserved, allow_nan=self.allow_nan)
@@ -301,10 +315,8 @@ class LayoutStore(Store):
 
     def _read_json_object(self, key: str) -> dict[str, Any]:
         """:meth:`_read_json` for a file that must hold a JSON object (``CorruptMetadataError`` otherwise)."""
-        doc = self._read_json(key)
-        if not isinstance(doc, dict):
-            raise CorruptMetadataError(self._where(key), f"must hold a JSON object, holds a {_json_type(doc)}")
-        return doc
+        with self._open(key) as f:
+            return self._read_json_object_file(f, self._where(key))[0]
 
     def _consistent_read(self, key: str, read: Callable[[DirReader], T], missing: T) -> T:
         """Run ``read`` on directory ``key``; ``missing`` if that directory does not exist.
@@ -517,10 +529,7 @@ class LayoutStore(Store):
         """
         where = self._where(f"{key}/{METADATA_FILE}")
         with d.open(METADATA_FILE) as f:
-            raw = self._read_json_bytes(f, where)
-        metadata = _json.loads(raw, where)
-        if not isinstance(metadata, dict):
-            raise CorruptMetadataError(where, f"must hold a JSON object, holds a {_json_type(metadata)}")
+            metadata, raw = self._read_json_object_file(f, where)
         if TENSOR_NAMES_FIELD not in metadata:
             raise CorruptMetadataError(
                 where, f"field {TENSOR_NAMES_FIELD!r} not found in detector metadata; cannot retrieve tensors"
@@ -860,10 +869,7 @@ class LayoutStore(Store):
         def read(d: DirReader) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
             meta_where = self._where(f"{key}/{METADATA_FILE}")
             with d.open(METADATA_FILE) as f:
-                raw = self._read_json_bytes(f, meta_where)
-            meta = _json.loads(raw, meta_where)
-            if not isinstance(meta, dict):
-                raise CorruptMetadataError(meta_where, f"must hold a JSON object, holds a {_json_type(meta)}")
+                meta, raw = self._read_json_object_file(f, meta_where)
             with d.open(MODEL_FILE) as f:
                 where = self._where(f"{key}/{MODEL_FILE}")
                 if self.verify_reads:
@@ -1075,9 +1081,7 @@ class LayoutStore(Store):
         meta_where = self._where(meta_key)
         try:
             with self._open(meta_key) as f:
-                raw = self._read_json_bytes(f, meta_where)
-            if not isinstance(_json.loads(raw, meta_where), dict):
-                raise CorruptMetadataError(meta_where, "must hold a JSON object")
+                _, raw = self._read_json_object_file(f, meta_where)
         except FileNotFoundError:
             return [Problem(meta_where, "missing")]
         except (OSError, ValueError) as e:

@@ -340,11 +340,24 @@ class LocalStore(LayoutStore):
         if self.durable:
             _atomic.fsync_dir(dir_fd)
 
+    def _create_temp(self, dir_fd: int, payload: Payload, where: str) -> str:
+        """A new temp file in ``dir_fd`` holding ``payload``: its name. Removed again if writing fails;
+        an ``OSError`` names ``where`` (the file it is written for)."""
+        tmp = _atomic.unique_name(_atomic.TMP_PREFIX)
+        try:
+            _atomic.create_file(dir_fd, tmp, payload, durable=self.durable, where=where)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            if isinstance(e, OSError):
+                raise _fs.named(e, where) from None
+            raise
+        return tmp
+
     def _write(self, key: str, payload: Payload) -> None:
         def op(dir_fd: int, name: str, where: str) -> None:
-            tmp = _atomic.unique_name(_atomic.TMP_PREFIX)
+            tmp = self._create_temp(dir_fd, payload, where)
             try:
-                _atomic.create_file(dir_fd, tmp, payload, durable=self.durable, where=where)
                 os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             except BaseException as e:
                 with contextlib.suppress(FileNotFoundError):
@@ -359,15 +372,7 @@ class LocalStore(LayoutStore):
 
     def _write_new(self, key: str, payload: Payload) -> bool:
         def op(dir_fd: int, name: str, where: str) -> bool:
-            tmp = _atomic.unique_name(_atomic.TMP_PREFIX)
-            try:
-                _atomic.create_file(dir_fd, tmp, payload, durable=self.durable, where=where)
-            except BaseException as e:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp, dir_fd=dir_fd)
-                if isinstance(e, OSError):
-                    raise _fs.named(e, where) from None
-                raise
+            tmp = self._create_temp(dir_fd, payload, where)
             try:
                 created = _atomic.rename_noreplace(dir_fd, tmp, name)
             except OSError as e:
