@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mi_crow.store import LocalStore
+from mi_crow.store import LayoutStore, LocalStore
 
 _CTX: Any = None
 
@@ -33,6 +33,21 @@ def context() -> Any:
         ctx.set_forkserver_preload(["torch", "mi_crow.store", "proc_workers"])
         _CTX = ctx
     return _CTX
+
+
+def s3_root(url: str, config: dict[str, Any], client_options: dict[str, Any]) -> str:
+    """A ``root`` naming an ObjectStore (for the workers below, which take a string)."""
+    return json.dumps({"url": url, "config": config, "client_options": client_options})
+
+
+def open_root(root: str) -> LayoutStore:
+    """The store a worker's ``root`` names: a LocalStore's folder, or an ObjectStore (``s3_root``)."""
+    if root.startswith("{"):
+        from mi_crow.store.object_store import ObjectStore
+
+        spec = json.loads(root)
+        return ObjectStore(spec["url"], config=spec["config"], client_options=spec["client_options"])
+    return LocalStore(root)
 
 
 def log_line(path: str, text: str) -> None:
@@ -62,38 +77,38 @@ def batch_tensors(v: int, layers: int = 3, n: int = 64 * 1024) -> dict[str, dict
     }
 
 
-def _op_new_batch(store: LocalStore, v: int) -> None:
+def _op_new_batch(store: LayoutStore, v: int) -> None:
     store.put_detector_metadata("r", v, {"v": v}, batch_tensors(v))
 
 
-def _op_overwrite(store: LocalStore, v: int) -> None:
+def _op_overwrite(store: LayoutStore, v: int) -> None:
     store.put_detector_metadata("r", 0, {"v": v}, batch_tensors(v))
 
 
-def _op_run_batch(store: LocalStore, v: int) -> None:
+def _op_run_batch(store: LayoutStore, v: int) -> None:
     store.put_run_batch("r", v % 4, {"a": torch.full((512 * 1024,), float(v)), "v": torch.tensor([v])})
 
 
-def _op_run_metadata(store: LocalStore, v: int) -> None:
+def _op_run_metadata(store: LayoutStore, v: int) -> None:
     store.put_run_metadata("r", {"v": v, "pad": "x" * 200_000})
 
 
-def _op_append(store: LocalStore, v: int) -> None:
+def _op_append(store: LayoutStore, v: int) -> None:
     store.put_run_detector_metadata("r", {"v": v}, batch_tensors(v, layers=2))
 
 
-def _op_delete_run(store: LocalStore, v: int) -> None:
+def _op_delete_run(store: LayoutStore, v: int) -> None:
     run = f"d{v}"
     for i in range(3):
         store.put_detector_metadata(run, i, {"v": v}, batch_tensors(v, layers=2))
     store.delete_run(run)
 
 
-def _op_model(store: LocalStore, v: int) -> None:
+def _op_model(store: LayoutStore, v: int) -> None:
     store.put_model("m", {"w": torch.full((512 * 1024,), float(v)), "b": torch.full((8,), float(v))}, {"v": v})
 
 
-CRASH_OPS: dict[str, Callable[[LocalStore, int], None]] = {
+CRASH_OPS: dict[str, Callable[[LayoutStore, int], None]] = {
     "new_batch": _op_new_batch,
     "overwrite": _op_overwrite,
     "run_batch": _op_run_batch,
@@ -115,7 +130,7 @@ def crash_writer(op: str, root: str, log: str, first: int) -> None:
     returned, ``T`` being ``time.monotonic()`` at that point.
     """
     try:
-        store = LocalStore(root)
+        store = open_root(root)
         log_line(log, f"start {time.monotonic()!r}")
         for v in range(first, first + 100_000):
             CRASH_OPS[op](store, v)
@@ -143,7 +158,7 @@ def parse_crash_log(lines: list[str]) -> tuple[float | None, list[tuple[int, flo
 
 
 def appender(root: str, writer: int, count: int) -> None:
-    store = LocalStore(root)
+    store = open_root(root)
     for i in range(count):
         value = writer * 1000 + i
         store.put_run_detector_metadata(
@@ -152,21 +167,21 @@ def appender(root: str, writer: int, count: int) -> None:
 
 
 def batch_writer(root: str, writer: int, count: int) -> None:
-    store = LocalStore(root)
+    store = open_root(root)
     for i in range(count):
         idx = writer * count + i
         store.put_detector_metadata("shared", idx, {"idx": idx}, batch_tensors(idx, layers=2, n=4096))
 
 
 def overwriter(root: str, writer: int, count: int) -> None:
-    store = LocalStore(root)
+    store = open_root(root)
     for i in range(count):
         v = writer * 100_000 + i + 1
         store.put_detector_metadata("shared", 0, {"v": v}, batch_tensors(v, layers=3, n=32 * 1024))
 
 
 def metadata_writer(root: str, writer: int, count: int) -> None:
-    store = LocalStore(root)
+    store = open_root(root)
     for i in range(count):
         store.put_run_metadata("shared", {"writer": writer, "i": i, "pad": "y" * 20_000})
 
@@ -180,7 +195,7 @@ def reader(root: str, kind: str, log: str, stop_file: str, hang_guard_s: float =
     whose test died without creating it, and the summary says which of the two stopped it.
     """
     try:
-        store = LocalStore(root)
+        store = open_root(root)
         reads: int = 0
         errors: list[str] = []
         seen: set[Any] = set()
@@ -222,7 +237,7 @@ def reader(root: str, kind: str, log: str, stop_file: str, hang_guard_s: float =
 
 
 def entry_order(root: str, log: str) -> None:
-    store = LocalStore(root)
+    store = open_root(root)
     order = [(m["writer"], m["i"]) for m, _ in store.iter_run_detector_metadata("shared")]
     log_line(log, json.dumps(order))
 
@@ -245,7 +260,7 @@ def capturer(root: str, log: str, first: int) -> None:
     from mi_crow.store import ActivationCapture
 
     model = capture_model()
-    store = LocalStore(root)
+    store = open_root(root)
     with ActivationCapture(model, store, "cap", ["0", "2"], dtype=torch.bfloat16) as cap, torch.no_grad():
         for i in range(cap.next_batch, cap.next_batch + 100_000):
             model(capture_input(i))

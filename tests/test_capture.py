@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import proc_workers as pw
-from mi_crow.store import ActivationCapture, LocalStore, MemoryStore, Store
+from mi_crow.store import ActivationCapture, Capabilities, LocalStore, MemoryStore, Store
 from mi_crow.store._tensor_file import Payload
 from mi_crow.store.capture import extract_tensor
 from mi_crow.store.testing.store_tests import assert_same
@@ -248,7 +248,9 @@ def test_host_buffers_are_recycled_only_after_their_batch_is_written() -> None:
 
 
 class _KeepingStore(MemoryStore):
-    """A store of its own that keeps the tensor objects it is given (a cache)."""
+    """A store of its own that keeps the tensor objects it is given (a cache), and says so."""
+
+    capabilities = Capabilities(atomic_directories=True, keeps_payload=True)
 
     def __init__(self) -> None:
         super().__init__()

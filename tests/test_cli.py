@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from mi_crow.store import LocalStore
+from mi_crow.store import GcReport, LocalStore
 from mi_crow.store.cli import EXIT_DAMAGED, EXIT_USAGE, describe, main
 
 
@@ -498,3 +498,182 @@ def test_ls_and_verify_do_not_block_on_a_fifo(tmp_path: Path) -> None:
         assert proc.returncode == EXIT_DAMAGED, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr
         assert ("DAMAGED: " if command == "ls" else f"CORRUPT {fifo}") in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs: s3://bucket/prefix, memory://, file://PATH wherever a folder is taken.
+
+
+def test_memory_url_is_an_empty_store() -> None:
+    listed = invoke("ls", "memory://")
+    assert listed.exit_code == 0 and listed.stdout.splitlines()[-1] == "0 run(s), 0 batch(es), 0 tensor(s), 0 B"
+    checked = invoke("verify", "memory://")
+    assert checked.exit_code == 0
+    assert checked.stdout.splitlines() == ["nothing to verify: the store at memory:// has no runs and no models"]
+    no_run = invoke("ls", "memory://", "--run", "r")
+    assert no_run.exit_code == EXIT_USAGE
+    assert error_line(no_run) == "Error: no run 'r' in memory://; the store has no runs"
+    collected = invoke("gc", "memory://")
+    assert collected.exit_code == EXIT_USAGE and "gc does not apply to memory://" in error_line(collected)
+    with_path = invoke("ls", "memory://somewhere")
+    assert with_path.exit_code == EXIT_USAGE and "memory:// store has no path" in error_line(with_path)
+
+
+@pytest.mark.parametrize("command", ["ls", "verify", "gc"])
+@pytest.mark.parametrize("url", ["gs://bucket/prefix", "GS://x", "http://example.com/store"])
+def test_unsupported_url_scheme_is_one_line(command: str, url: str) -> None:
+    result = invoke(command, url)
+    assert result.exit_code == EXIT_USAGE
+    line = error_line(result)
+    assert f"no store serves the URL scheme {url.split(':')[0].lower()!r}" in line and "s3://" in line
+
+
+def test_capture_into_an_unsupported_url_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")  # the capture extra: the command imports it first
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\n")
+    result = invoke(
+        "capture", "--model", str(tmp_path / "no-model"), "--layers", "a", "--texts", str(texts), "--run", "r",
+        "--store", "gs://bucket/x",
+    )  # fmt: skip
+    assert result.exit_code == EXIT_USAGE and "no store serves the URL scheme 'gs'" in error_line(result)
+
+
+def test_file_url_is_the_folder(tmp_path: Path) -> None:
+    two_runs(tmp_path / "s")
+    listed = invoke("ls", f"file://{tmp_path / 's'}")
+    assert listed.exit_code == 0 and listed.stdout.splitlines()[-1] == "2 run(s), 2 batch(es), 2 tensor(s), 40 B"
+    # A folder's checks and messages, as for the path itself.
+    missing = invoke("ls", f"file://{tmp_path / 'nosuch'}")
+    assert missing.exit_code == EXIT_USAGE and "does not exist" in missing.output
+    (tmp_path / "plain").mkdir()
+    plain = invoke("verify", f"file://{tmp_path / 'plain'}")
+    assert plain.exit_code == EXIT_USAGE and f"{tmp_path / 'plain'} is not a mi-crow-store store" in error_line(plain)
+    grace = invoke("gc", f"file://{tmp_path / 's'}", "--grace", "10")
+    assert grace.exit_code == EXIT_USAGE and "--grace applies to object stores" in error_line(grace)
+
+
+def test_grace_is_refused_for_a_folder(tmp_path: Path) -> None:
+    two_runs(tmp_path)
+    (tmp_path / "runs/a/.tmp-deadbeef").write_bytes(b"x")
+    refused = invoke("gc", str(tmp_path), "--grace", "0")
+    assert refused.exit_code == EXIT_USAGE
+    assert error_line(refused) == (
+        "Error: --grace applies to object stores (s3://) only: a local store's gc waits for running writes "
+        "(a lock) and needs no grace period"
+    )
+    assert (tmp_path / "runs/a/.tmp-deadbeef").exists()
+    negative = invoke("gc", "memory://", "--grace", "-1")
+    assert negative.exit_code == EXIT_USAGE
+
+
+class _Collecting(LocalStore):
+    """Stands in for an object store: a gc that takes a grace period."""
+
+    def gc(self, *, grace_seconds: float = 3600.0) -> GcReport:  # type: ignore[override]
+        self.graces.append(grace_seconds)
+        return GcReport(["s3://bucket/p/runs/r/.g0123/x"], 12)
+
+
+def test_url_options_reach_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mi_crow.store.cli as cli
+
+    opened: list[tuple[str, dict[str, object]]] = []
+    stores: list[_Collecting] = []
+
+    def fake_open_store(url: str, **options: object) -> LocalStore:
+        opened.append((url, options))
+        store = _Collecting(tmp_path / "stand-in", **options)  # type: ignore[arg-type]
+        store.graces = []  # type: ignore[attr-defined]
+        stores.append(store)
+        return store
+
+    monkeypatch.setattr(cli, "open_store", fake_open_store)
+    assert invoke("ls", "s3://bucket/p", "--runs-prefix", "a/runs", "--model-prefix", "m").exit_code == 0
+    assert opened[-1] == ("s3://bucket/p", {"runs_prefix": "a/runs", "model_prefix": "m"})
+    # No local-disk checks for a URL: the stand-in's folder does not even exist.
+    assert not (tmp_path / "stand-in").exists()
+    collected = invoke("gc", "s3://bucket/p")
+    assert collected.exit_code == 0, collected.output
+    assert collected.stdout.splitlines() == [
+        "removed s3://bucket/p/runs/r/.g0123/x",
+        "1 leftover(s) removed, 12 B freed",
+    ]
+    assert stores[-1].graces == [3600.0]  # type: ignore[attr-defined]
+    assert invoke("gc", "s3://bucket/p", "--grace", "0").exit_code == 0
+    assert stores[-1].graces == [0.0]  # type: ignore[attr-defined]
+
+
+def test_bad_prefix_with_a_url_is_one_line() -> None:
+    refused = invoke("ls", "memory://", "--runs-prefix", "../up")
+    assert refused.exit_code == EXIT_USAGE and "runs_prefix" in error_line(refused)
+
+
+def test_missing_s3_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mi_crow.store.object_store", None)  # importing it raises ImportError
+    for args in (("ls", "s3://bucket/prefix"), ("copy", "memory://", "s3://bucket/prefix")):
+        result = invoke(*args)
+        assert result.exit_code == EXIT_USAGE
+        line = error_line(result)
+        assert line.startswith("Error: cannot open s3://bucket/prefix: ")
+        assert line.endswith("s3:// stores need the s3 extra: pip install 'mi-crow-store[s3]'")
+
+
+def test_object_storage_errors_become_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exceptions = pytest.importorskip("obstore.exceptions")
+    two_runs(tmp_path)
+
+    def refused(self: LocalStore) -> list[str]:
+        raise exceptions.GenericError("Generic S3 error: error sending request: Connection refused")
+
+    monkeypatch.setattr(LocalStore, "list_runs", refused)
+    result = invoke("ls", str(tmp_path))
+    assert result.exit_code == EXIT_DAMAGED
+    assert error_line(result) == "Error: Generic S3 error: error sending request: Connection refused"
+
+
+def test_s3_url_with_an_unreachable_server_is_one_line(tmp_path: Path) -> None:
+    """A real subprocess against an endpoint where nothing listens: an error line, not a traceback."""
+    pytest.importorskip("mi_crow.store.object_store")  # written separately; runs once it exists
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free again once closed: connections to it are refused
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and "proxy" not in k.lower()}
+    env.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ALLOW_HTTP="true",
+        AWS_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="mi-crow-test",
+        AWS_SECRET_ACCESS_KEY="mi-crow-test-secret",
+    )
+    for args in (("ls", "s3://bucket/prefix"), ("copy", "s3://bucket/prefix", str(tmp_path / "dst"))):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mi_crow.store", *args], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert proc.returncode in (EXIT_DAMAGED, EXIT_USAGE), proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+
+
+def test_describe_reads_tensor_files_in_a_generation_folder() -> None:
+    """On object storage a batch's tensor files live in the generation folder its metadata.json names."""
+    import json
+
+    from mi_crow.store import MemoryStore, _keys
+
+    store = MemoryStore()
+    store.put_detector_metadata("r", 0, {}, {"L": {"a": torch.ones(2, 3)}})
+    gen = "0123456789abcdef01234567"
+    files = store._files
+    files[f"runs/r/batch_0/.g{gen}/L/a.safetensors"] = files.pop("runs/r/batch_0/L/a.safetensors")
+    meta = json.loads(files["runs/r/batch_0/metadata.json"])
+    files["runs/r/batch_0/metadata.json"] = json.dumps({**meta, _keys.GENERATION_FIELD: gen}).encode()
+    rows = describe(store)
+    assert [(r.layer, r.key, r.shape, r.damaged) for r in rows] == [("L", "a", "[2, 3]", None)]
+    for bad in ("../../x", "0123", 5):
+        files["runs/r/batch_0/metadata.json"] = json.dumps({**meta, _keys.GENERATION_FIELD: bad}).encode()
+        (row,) = describe(store)
+        assert row.damaged is not None and _keys.GENERATION_FIELD in row.damaged

@@ -13,7 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = [
     "mi_crow.store.store",
-    "mi_crow.store._layout",
+    "mi_crow.store._layout.appends",
+    "mi_crow.store._layout.models",
+    "mi_crow.store._layout.check",
+    "mi_crow.store._open",
+    "mi_crow.store._copy",
     "mi_crow.store.local_store",
     "mi_crow.store.memory_store",
     "mi_crow.store.activation_dataset",
@@ -37,8 +41,10 @@ def test_readme_python_blocks_run(index: int, tmp_path: Path, monkeypatch: pytes
         assert "[0, 1, 2]" in out and "['gpt2-wiki'] ['sae-h3']" in out and "list 2" in out
     if "checksums=False" in code:
         assert out.strip() == "torch.Size([4, 8]) []"
-    if "ActivationCapture(model" in code:
+    if 'ActivationCapture(model, store, "toy-run"' in code:
         assert out.strip() == "[0, 1, 2] 384"
+    if "SeaweedFS()" in code:
+        assert out.strip() == "[0, 1, 2, 3]\n['sae-toy'] []"
 
 
 DOC_PAGES = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md") if python_blocks(p))

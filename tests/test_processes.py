@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import proc_workers as pw
-from mi_crow.store import LocalStore
+from mi_crow.store import LayoutStore, LocalStore
+from mi_crow.store._keys import GENERATION_FIELD, METADATA_FILE, generation_dir
 from mi_crow.store.testing.store_tests import assert_same
 
 TRIALS = int(os.environ.get("MI_CROW_STORE_CRASH_TRIALS", "8"))
@@ -38,6 +39,30 @@ SEED = int(os.environ.get("MI_CROW_STORE_CRASH_SEED", "20261128"))
 # kill lands at a uniformly random point of some call.
 KILL_SPAN = 4.0
 HANG_S = 300.0  # only a child that is stuck (or a machine that is not running it at all) reaches this
+
+
+Backend = tuple[str, Callable[[], LayoutStore]]
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """``(root, open)``: a store's name for the workers (``pw.open_root``), and how to open it here.
+
+    Every test below runs on a local store and on an ObjectStore on the session's SeaweedFS server.
+    """
+    if request.param == "local":
+        root = str(tmp_path / "store")
+    else:
+        server = request.getfixturevalue("seaweedfs")
+        bucket = request.getfixturevalue("process_bucket")
+        url = f"s3://{bucket}/{tmp_path.name}-{os.urandom(4).hex()}"
+        root = pw.s3_root(url, server.store_config(), server.client_options())
+    return root, lambda: pw.open_root(root)
+
+
+@pytest.fixture(scope="module")
+def process_bucket(seaweedfs: object) -> str:
+    return seaweedfs.new_bucket("procs")  # type: ignore[attr-defined]
 
 
 def wait_for_log(proc: object, log: str, ready: Callable[[list[str]], bool], what: str) -> list[str]:
@@ -73,7 +98,7 @@ def consistent(tensors: dict[str, dict[str, torch.Tensor]], v: int, layers: int)
             assert bool((t == v).all()), f"version {v}: {layer}/{key} holds {t.unique().tolist()[:4]}"
 
 
-def check_after_crash(op: str, store: LocalStore, done: list[int], started: list[int]) -> None:
+def check_after_crash(op: str, store: LayoutStore, done: list[int], started: list[int]) -> None:
     """``done``: versions whose call returned; ``started``: the first version of each trial."""
     last = max(done, default=0)
     if op == "new_batch":
@@ -145,11 +170,35 @@ def call_durations(start: float | None, calls: list[tuple[int, float]]) -> list[
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
+def object_leftovers(store: LayoutStore) -> list[str]:
+    """Objects of an ObjectStore that no commit references (what gc must remove), found from the
+    listing and the commits themselves: every object of a batch or model folder must be its
+    metadata.json or lie in the generation that metadata.json names."""
+    out = []
+    folders: dict[str, list[str]] = {}
+    for info in store._list_tree(""):
+        parts = info.key.split("/")
+        depth = 3 if parts[0] == store.runs_prefix else 2
+        if parts[0] in (store.runs_prefix, store.model_prefix) and len(parts) > depth:
+            if parts[0] == store.runs_prefix and not parts[2].startswith("batch_"):
+                continue
+            folders.setdefault("/".join(parts[:depth]), []).append("/".join(parts[depth:]))
+    for folder, names in folders.items():
+        gen = None
+        if METADATA_FILE in names:
+            gen = json.loads(store._read_bytes(f"{folder}/{METADATA_FILE}")).get(GENERATION_FIELD)
+        for name in names:
+            if name != METADATA_FILE and (gen is None or not name.startswith(generation_dir(gen) + "/")):
+                out.append(f"{folder}/{name}")
+    return sorted(out)
+
+
 @pytest.mark.parametrize("op", sorted(pw.CRASH_OPS))
-def test_sigkill_at_random_instants(op: str, tmp_path: Path) -> None:
+def test_sigkill_at_random_instants(op: str, tmp_path: Path, backend: Backend) -> None:
     ctx = pw.context()
-    root = tmp_path / "store"
-    store = LocalStore(root)
+    root_name, open_store = backend
+    root = Path(root_name)
+    store = open_store()
     if op == "overwrite":
         store.put_detector_metadata("r", 0, {"v": 0}, pw.batch_tensors(0))
     if op == "model":
@@ -167,7 +216,7 @@ def test_sigkill_at_random_instants(op: str, tmp_path: Path) -> None:
         # call, odd ones from the start; so both "killed inside the first call" and "killed after
         # several calls" happen, and every even trial has at least one call done.
         after_first = trial % 2 == 0 or not durations
-        proc = ctx.Process(target=pw.crash_writer, args=(op, str(root), log, first))
+        proc = ctx.Process(target=pw.crash_writer, args=(op, root_name, log, first))
         proc.start()
         try:
             if after_first:
@@ -207,11 +256,17 @@ def test_sigkill_at_random_instants(op: str, tmp_path: Path) -> None:
     pw.CRASH_OPS[op](store, 999_999)
     check_after_crash(op, store, [*done, 999_999], [*started, 999_999])
     # gc removes exactly the leftovers; what remains is the committed data, intact.
-    before, leftovers = total_bytes(root), leftover_bytes(root)
-    report = LocalStore(root).gc()
-    assert report.bytes_freed == leftovers
-    assert total_bytes(root) == before - leftovers
-    assert leftover_bytes(root) == 0
+    if isinstance(store, LocalStore):
+        before, leftovers = total_bytes(root), leftover_bytes(root)
+        report = open_store().gc()
+        assert report.bytes_freed == leftovers
+        assert total_bytes(root) == before - leftovers
+        assert leftover_bytes(root) == 0
+    else:
+        leftovers_s3 = object_leftovers(store)
+        report = store.gc(grace_seconds=0)  # type: ignore[attr-defined]
+        assert sorted(report.removed) == [store._where(k) for k in leftovers_s3]
+        assert object_leftovers(store) == []
     assert store.check() == []
     check_after_crash(op, store, [*done, 999_999], [*started, 999_999])
 
@@ -275,12 +330,12 @@ class Readers:
             assert summary["reads"] > 0  # type: ignore[operator]
 
 
-def test_concurrent_appenders_lose_nothing(tmp_path: Path) -> None:
+def test_concurrent_appenders_lose_nothing(tmp_path: Path, backend: Backend) -> None:
     ctx = pw.context()
-    root = str(tmp_path / "store")
+    root, open_store = backend
     writers, count = 4, 20
     run_all(ctx, pw.appender, [(root, w, count) for w in range(writers)])
-    store = LocalStore(root)
+    store = open_store()
     entries = list(store.iter_run_detector_metadata("shared"))
     keys = [(m["writer"], m["i"]) for m, _ in entries]
     assert sorted(keys) == [(w, i) for w in range(writers) for i in range(count)]
@@ -297,11 +352,11 @@ def test_concurrent_appenders_lose_nothing(tmp_path: Path) -> None:
     assert store.check() == []
 
 
-def test_concurrent_batch_writers_all_present(tmp_path: Path) -> None:
+def test_concurrent_batch_writers_all_present(tmp_path: Path, backend: Backend) -> None:
     ctx = pw.context()
-    root = str(tmp_path / "store")
+    root, open_store = backend
     run_all(ctx, pw.batch_writer, [(root, w, 10) for w in range(4)])
-    store = LocalStore(root)
+    store = open_store()
     assert store.list_run_batches("shared") == list(range(40))
     for i in range(40):
         meta, tensors = store.get_detector_metadata("shared", i)
@@ -309,23 +364,27 @@ def test_concurrent_batch_writers_all_present(tmp_path: Path) -> None:
         consistent(tensors, i, 2)
 
 
-def test_readers_never_see_a_mix_while_processes_overwrite(tmp_path: Path) -> None:
+def test_readers_never_see_a_mix_while_processes_overwrite(
+    tmp_path: Path, backend: tuple[str, Callable[[], LayoutStore]]
+) -> None:
     ctx = pw.context()
-    root = str(tmp_path / "store")
-    LocalStore(root).put_detector_metadata("shared", 0, {"v": 0}, pw.batch_tensors(0, layers=3, n=32 * 1024))
+    root, open_store = backend
+    open_store().put_detector_metadata("shared", 0, {"v": 0}, pw.batch_tensors(0, layers=3, n=32 * 1024))
     with Readers(ctx, root, "batch", tmp_path, 2) as readers:
         run_all(ctx, pw.overwriter, [(root, w, 60) for w in range(2)])
     readers.check()
-    meta, tensors = LocalStore(root).get_detector_metadata("shared", 0)
+    meta, tensors = open_store().get_detector_metadata("shared", 0)
     assert meta["v"] in {59 + 1, 100_000 + 59 + 1}  # the last write of one of the writers
     consistent(tensors, meta["v"], 3)
 
 
-def test_concurrent_run_metadata_last_writer_wins_never_torn(tmp_path: Path) -> None:
+def test_concurrent_run_metadata_last_writer_wins_never_torn(
+    tmp_path: Path, backend: tuple[str, Callable[[], LayoutStore]]
+) -> None:
     ctx = pw.context()
-    root = str(tmp_path / "store")
+    root, open_store = backend
     with Readers(ctx, root, "metadata", tmp_path, 1) as readers:
         run_all(ctx, pw.metadata_writer, [(root, w, 40) for w in range(4)])
     readers.check()
-    final = LocalStore(root).get_run_metadata("shared")
+    final = open_store().get_run_metadata("shared")
     assert final["i"] == 39 and final["pad"] == "y" * 20_000

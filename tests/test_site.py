@@ -203,14 +203,16 @@ PUBLIC = {
     "api/store": ["Store", "TensorMetadata"],
     "api/local_store": ["LocalStore", "GcReport"],
     "api/memory_store": ["MemoryStore"],
+    "api/object_store": ["ObjectStore", "ObjectStoreError", "open_store", "Capabilities"],
     "api/layout_store": ["LayoutStore", "Problem"],
     "api/capture": ["ActivationCapture"],
     "api/activation_dataset": ["ActivationDataset"],
     "api/store_dataloader": ["StoreDataloader"],
+    "api/copy": ["copy_store", "CopyReport"],
     "api/errors": [
         f"errors.{e}" for e in ("StoreError", "CorruptFileError", "CorruptMetadataError", "InvalidJSONError")
     ],
-    "api/testing": ["testing.StoreTests"],
+    "api/testing": ["testing.StoreTests", "testing.BackendTests", "testing.StoreStateMachine"],
 }
 
 

@@ -1,19 +1,39 @@
 """mi_crow.store: persistence for activations, the runs that produced them, and models.
 
-``Store`` is the documented contract; ``LocalStore`` keeps a store on local disk and
-``MemoryStore`` in memory. Both share ``LayoutStore``, which implements the contract once.
+``Store`` is the documented contract; ``LocalStore`` keeps a store on local disk,
+``ObjectStore`` on S3-compatible object storage (the ``s3`` extra) and ``MemoryStore`` in
+memory. All share ``LayoutStore``, which implements the contract once; ``open_store`` picks
+one from a path or URL.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
+from mi_crow.store._backend import Capabilities, GcReport
+from mi_crow.store._copy import CopyReport, copy_store
 from mi_crow.store._layout import LayoutStore, Problem
+from mi_crow.store._open import open_store
 from mi_crow.store.activation_dataset import ActivationDataset
 from mi_crow.store.capture import ActivationCapture
 from mi_crow.store.errors import CorruptFileError, CorruptMetadataError, InvalidJSONError, StoreError
-from mi_crow.store.local_store import GcReport, LocalStore
+from mi_crow.store.local_store import LocalStore
 from mi_crow.store.memory_store import MemoryStore
 from mi_crow.store.store import Store, TensorMetadata
 from mi_crow.store.store_dataloader import StoreDataloader
+
+if TYPE_CHECKING:
+    from mi_crow.store.object_store import ObjectStore, ObjectStoreError
+
+
+def __getattr__(name: str) -> Any:
+    # ObjectStore needs obstore (the s3 extra): imported when first asked for, so the core
+    # install imports nothing of it.
+    if name in ("ObjectStore", "ObjectStoreError"):
+        from mi_crow.store import object_store
+
+        return getattr(object_store, name)
+    raise AttributeError(f"module 'mi_crow.store' has no attribute {name!r}")
+
 
 try:
     __version__ = version("mi-crow-store")
@@ -23,6 +43,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "ActivationCapture",
     "ActivationDataset",
+    "Capabilities",
+    "CopyReport",
     "CorruptFileError",
     "CorruptMetadataError",
     "GcReport",
@@ -30,10 +52,14 @@ __all__ = [
     "LayoutStore",
     "LocalStore",
     "MemoryStore",
+    "ObjectStore",
+    "ObjectStoreError",
     "Problem",
     "Store",
     "StoreDataloader",
     "StoreError",
     "TensorMetadata",
     "__version__",
+    "copy_store",
+    "open_store",
 ]

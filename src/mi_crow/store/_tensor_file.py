@@ -17,6 +17,7 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -279,7 +280,10 @@ class Header:
     metadata: dict[str, str]
     data_start: int
     where: str
-    prefix: bytes = b""  # the file's first bytes, as read with the header (small files: all of it)
+    prefix: bytes | memoryview = b""  # the file's first bytes, as read with the header (small files: all)
+    # True when ``prefix`` is the whole file in memory that this read alone holds (an object fetched
+    # in one GET): tensors are then views of it instead of copies.
+    borrow: bool = False
     _checksums: dict[str, int] | None = None
 
     def checksum(self, name: str) -> int | None:
@@ -340,23 +344,35 @@ def read_header(f: BinaryIO, where: str) -> Header:
     """Parse and validate the header of the safetensors file open as ``f``.
 
     Every tensor's byte range is checked against its dtype and shape and against the
-    file's size, so a truncated file raises here instead of failing later.
+    file's size, so a truncated file raises here instead of failing later. A file object
+    with a ``whole`` attribute (the entire file as an immutable buffer this read alone holds,
+    as ``ObjectStore`` returns) is parsed in place and its tensors borrow that buffer.
 
     Raises:
         CorruptFileError: If the file is truncated or its header is not valid safetensors.
     """
+    whole = getattr(f, "whole", None)
+    if isinstance(whole, memoryview):
+        return parse_header(whole, len(whole), None, where, borrow=True)
     f.seek(0)
     prefix = f.read(PREFETCH) or b""
-    return parse_header(prefix, f if len(prefix) == PREFETCH else None, where)
+    if len(prefix) < PREFETCH:
+        return parse_header(prefix, len(prefix), None, where)
+    return parse_header(prefix, f.seek(0, 2), f, where)
 
 
-def parse_header(prefix: bytes, rest: BinaryIO | None, where: str) -> Header:
-    """:func:`read_header` given the file's first ``PREFETCH`` bytes.
+def parse_header(
+    prefix: bytes | memoryview, size: int, rest: BinaryIO | None, where: str, *, borrow: bool = False
+) -> Header:
+    """:func:`read_header` given the file's first bytes and its size: the format reader needs
+    nothing else of a file (no descriptor, no seeks for the size).
 
-    ``rest`` is the open file when it may be longer than ``prefix``; ``None`` when ``prefix``
-    is the whole file (a short first read reached its end, so its size is known).
+    ``rest`` is the open file when ``size`` is more than ``prefix`` holds (its header or data
+    are read from it as needed); ``None`` when ``prefix`` is the whole file. ``borrow``: the
+    tensors may be views of ``prefix`` (memory no one else holds or changes).
     """
-    size = len(prefix) if rest is None else rest.seek(0, 2)
+    if rest is None and size != len(prefix):
+        raise ValueError(f"parse_header: {len(prefix)} bytes of a {size}-byte file and no file to read the rest")
     if size < 8:
         raise _corrupt(where, f"file is {size} bytes, shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", prefix[:8])
@@ -365,7 +381,7 @@ def parse_header(prefix: bytes, rest: BinaryIO | None, where: str) -> Header:
             where, f"truncated or not safetensors: header length {n} exceeds the file size {size} or the 100 MB limit"
         )
     if 8 + n <= len(prefix):
-        header_bytes = prefix[8 : 8 + n]
+        header_bytes = bytes(prefix[8 : 8 + n])
     else:
         assert rest is not None  # the header lies within the file, which is longer than prefix
         rest.seek(8)
@@ -416,7 +432,7 @@ def parse_header(prefix: bytes, rest: BinaryIO | None, where: str) -> Header:
         if end > data_len:
             raise _corrupt(where, f"truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
         tensors[name] = TensorEntry(dtype, shape, begin, end)
-    return Header(tensors, metadata, 8 + n, where, prefix)
+    return Header(tensors, metadata, 8 + n, where, prefix, borrow)
 
 
 def _map_tensor(f: BinaryIO, header: Header, entry: TensorEntry) -> torch.Tensor | None:
@@ -477,11 +493,26 @@ def read_tensor(
     start = header.data_start + entry.begin
     out = _map_tensor(f, header, entry) if f is not None and mmap_min is not None and nbytes >= mmap_min else None
     if out is None and nbytes and start + nbytes <= len(header.prefix):
-        # Already read with the header: one copy into memory the tensor owns.
-        owned = bytearray(memoryview(header.prefix)[start : start + nbytes])
-        out = torch.frombuffer(owned, dtype=entry.dtype)
+        view = memoryview(header.prefix)[start : start + nbytes]
+        if header.borrow:  # the whole object, held by this read alone: a view, no copy
+            with warnings.catch_warnings():
+                # The buffer is flagged read-only because the client hands it out so; no one else
+                # holds it, so writes to the tensor change nothing but the tensor.
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                out = torch.frombuffer(view, dtype=entry.dtype)
+        else:  # already read with the header: one copy into memory the tensor owns
+            out = torch.frombuffer(bytearray(view), dtype=entry.dtype)
         if len(entry.shape) != 1:
             out = out.reshape(entry.shape)
+    if out is None and nbytes and f is not None:
+        borrow = getattr(f, "borrow_range", None)  # a ranged read whose buffer the tensor may keep
+        borrowed = borrow(start, start + nbytes) if borrow is not None else None
+        if borrowed is not None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                out = torch.frombuffer(borrowed, dtype=entry.dtype)
+            if len(entry.shape) != 1:
+                out = out.reshape(entry.shape)
     if out is None:
         if f is None and nbytes:  # pragma: no cover - parse_header checked the data lies in prefix
             raise _corrupt(where, f"tensor {name!r} lies beyond the bytes read")

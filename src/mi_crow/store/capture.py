@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mi_crow.store._backend import Capabilities
 from mi_crow.store._layout import LayoutStore
 from mi_crow.store._names import check_name
 from mi_crow.store.store import Store
@@ -144,10 +145,11 @@ class ActivationCapture:
         self._free: OrderedDict[tuple[tuple[int, ...], torch.dtype, bool], list[torch.Tensor]] = OrderedDict()
         self._free_lock = threading.Lock()
         self._free_per_shape = (max_pending + 2) * (len(self.layers) + 2)
-        # Only a store whose put_detector_metadata is LayoutStore's is known to keep no
-        # reference to the tensors once the call returned; any other store may (a cache, an
-        # asynchronous upload), so its batches get fresh buffers.
-        self._recycle = getattr(type(store), "put_detector_metadata", None) is LayoutStore.put_detector_metadata
+        # Only a store that declares it keeps no reference to the tensors once a write returned
+        # (a LayoutStore backend whose capabilities say so) gets its host buffers reused; any
+        # other store may keep them (a cache, an asynchronous upload), so its batches get fresh ones.
+        caps = getattr(store, "capabilities", None) if isinstance(store, LayoutStore) else None
+        self._recycle = isinstance(caps, Capabilities) and not caps.keeps_payload
         self._side_stream: Any = None
         self.next_batch = 0
         self.batches = 0

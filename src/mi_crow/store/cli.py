@@ -4,31 +4,47 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import click
 import torch
 
-from mi_crow.store import _atomic
+from mi_crow.store import _atomic, _keys
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._layout import TENSOR_NAME, TENSOR_NAMES_FIELD, LayoutStore, Problem
+from mi_crow.store._copy import copy_store
+from mi_crow.store._layout import LayoutStore, Problem
 from mi_crow.store._names import check_name
+from mi_crow.store._open import open_store
 from mi_crow.store.local_store import LOCK_NAME, LocalStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Exit statuses of ls, verify and gc.
+# Exit statuses of ls, verify, gc and copy.
 EXIT_DAMAGED = 1  # the store holds damaged entries (or a store error stopped the command)
-EXIT_USAGE = 2  # bad arguments: not a store, no such run, an invalid name (click's own usage errors too)
+EXIT_USAGE = 2  # bad arguments: not a store, no such run, an invalid name, an unserved URL (click's usage errors too)
 
 # The errors the store raises for damaged stored data and failed I/O (CorruptFileError and its
 # subclasses are OSErrors, json.JSONDecodeError and bad names are ValueErrors). Anything else is a bug
 # and keeps its traceback.
 _STORE_ERRORS = (OSError, ValueError)
+
+# A URL (s3://bucket/prefix, memory://, file://PATH) rather than a path: a scheme as RFC 3986 spells it,
+# then "://". A local folder whose name looks like that is written ./name.
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+S3_EXTRA_HINT = "pip install 'mi-crow-store[s3]'"
+GC_GRACE_DEFAULT = 3600.0  # seconds; an object store's gc leaves younger leftovers alone
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """:data:`_STORE_ERRORS`, and obstore's errors once an object store has loaded it (a backend
+    that lets one through, e.g. a refused connection, still gets one line, not a traceback)."""
+    base = getattr(sys.modules.get("obstore.exceptions"), "BaseError", None)
+    return (*_STORE_ERRORS, base) if isinstance(base, type) and issubclass(base, Exception) else _STORE_ERRORS
 
 
 def _fmt_bytes(n: int) -> str:
@@ -94,26 +110,30 @@ def _describe_run(store: LayoutStore, run: str) -> list[Row]:
     rows: list[Row] = []
     entries = set(store._list(store._run_dir(run)))
     for i in store.list_run_batches(run):
-        batch_dir = store._batch_dir(run, i)
-        if (batch_dir.rpartition("/")[2], True) in entries:
-            rows += _describe_batch_dir(store, run, i, batch_dir)
-        run_file = store._run_batch_file(run, i)
-        if (run_file.rpartition("/")[2], False) in entries:
-            rows += _describe_run_batch(store, run, i, run_file)
+        if (_keys.batch_dir_name(i), True) in entries:
+            rows += _describe_batch_dir(store, run, i, store._batch_dir(run, i))
+        if (_keys.run_batch_file_name(i), False) in entries:
+            rows += _describe_run_batch(store, run, i, store._run_batch_file(run, i))
     return rows
 
 
 def _describe_batch_dir(store: LayoutStore, run: str, i: int, batch_dir: str) -> list[Row]:
-    """The rows of a per-batch directory ``batch_{i}/`` (mi_crow 1.0's detector layout)."""
-    meta_key = f"{batch_dir}/metadata.json"
+    """The rows of a per-batch directory ``batch_{i}/`` (mi_crow 1.0's detector layout; on object
+    storage its tensor files live in the generation folder its metadata.json names)."""
+    meta_key = f"{batch_dir}/{_keys.METADATA_FILE}"
     where = store._where(meta_key)
     try:
         meta = store._read_json(meta_key)
         if not isinstance(meta, dict):
             raise ValueError(f"{where} must hold a JSON object, got {type(meta).__name__}")
-        if TENSOR_NAMES_FIELD not in meta:
-            raise ValueError(f"{where} has no {TENSOR_NAMES_FIELD!r} field")
-        names = store._read_names_field(meta[TENSOR_NAMES_FIELD], where)
+        if _keys.TENSOR_NAMES_FIELD not in meta:
+            raise ValueError(f"{where} has no {_keys.TENSOR_NAMES_FIELD!r} field")
+        names = store._read_names_field(meta[_keys.TENSOR_NAMES_FIELD], where)
+        generation = meta.get(_keys.GENERATION_FIELD)
+        if generation is not None and (
+            not isinstance(generation, str) or _keys.generation_of(_keys.generation_dir(generation)) != generation
+        ):
+            raise ValueError(f"{where}: {_keys.GENERATION_FIELD} must be 24 hex digits, got {str(generation)[:60]!r}")
     except FileNotFoundError:
         return [Row(run, str(i), "-", "-", damaged=f"{where} is missing")]
     except _STORE_ERRORS as e:
@@ -121,13 +141,13 @@ def _describe_batch_dir(store: LayoutStore, run: str, i: int, batch_dir: str) ->
     rows: list[Row] = []
     for layer, keys in names.items():
         for key in keys:
-            fkey = f"{batch_dir}/{layer}/{key}.safetensors"
+            fkey = f"{batch_dir}/{_keys.in_generation(_keys.tensor_file(layer, key), generation)}"
             fwhere = store._where(fkey)
             try:
                 with store._open(fkey) as f:
-                    entry = tf.read_header(f, fwhere).tensors.get(TENSOR_NAME)
+                    entry = tf.read_header(f, fwhere).tensors.get(_keys.TENSOR_NAME)
                 if entry is None:
-                    raise ValueError(f"{fwhere} holds no tensor named {TENSOR_NAME!r}")
+                    raise ValueError(f"{fwhere} holds no tensor named {_keys.TENSOR_NAME!r}")
                 rows.append(_tensor_row(run, i, layer, key, entry))
             except FileNotFoundError:
                 rows.append(Row(run, str(i), layer, key, damaged=f"{fwhere} is missing (listed in {where})"))
@@ -166,6 +186,84 @@ def _print_table(rows: list[Row]) -> int:
     return len(rows) - len(good)
 
 
+# ---------------------------------------------------------------------------------------------- where a store is
+
+
+if TYPE_CHECKING:
+    _ParamType = click.ParamType[Any]  # generic in click's stubs since 8.2; a plain class at run time before
+else:
+    _ParamType = click.ParamType
+
+
+class _Location(_ParamType):
+    """A store's folder or URL. A folder (or ``file://PATH``) becomes a ``Path``, checked as
+    ``click.Path(exists=..., file_okay=False)`` checks it (its messages, exit status 2); any other
+    URL stays a ``str``, checked by nothing here (``open_store`` knows the schemes)."""
+
+    name = "path_or_url"
+
+    def __init__(self, *, exists: bool):
+        self._path = click.Path(exists=exists, file_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        text: str = os.fspath(value)
+        m = _URL.match(text)
+        if m is not None and m.group(1).lower() != "file":
+            return text
+        path: Path = self._path.convert(text[m.end() :] if m else text, param, ctx)
+        return path
+
+
+def _store_options(where: str = "PATH", top: str = "PATH itself") -> Callable[[F], F]:
+    """``--runs-prefix`` and ``--model-prefix``, for stores made with prefixes other than the defaults
+    (relative to ``where``; ``''`` puts the runs at ``top``)."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--model-prefix",
+            default="models",
+            show_default=True,
+            help=f"The store's model_prefix: the folder of its models, relative to {where}.",
+        )(f)
+        return click.option(
+            "--runs-prefix",
+            default="runs",
+            show_default=True,
+            help=f"The store's runs_prefix: the folder of its runs, relative to {where} ('' for {top}).",
+        )(f)
+
+    return decorate
+
+
+def _open_url(url: str, **options: Any) -> LayoutStore:
+    """``open_store(url)``; exit 2 with one line for a scheme no backend serves, a missing extra,
+    or options the backend refuses."""
+    try:
+        return open_store(url, **options)
+    except ImportError as e:
+        raise _ArgumentError(
+            f"cannot open {url}: {_one_line(e)}; s3:// stores need the s3 extra: {S3_EXTRA_HINT}"
+        ) from None
+    except ValueError as e:
+        raise _ArgumentError(_one_line(e)) from None
+    except _store_errors() as e:
+        if isinstance(e, OSError):
+            raise  # I/O: exit 1, as any store error
+        raise _ArgumentError(f"cannot open {url}: {_one_line(e)}") from None
+
+
+def _open_for_writing(location: Path | str, **options: Any) -> LayoutStore:
+    """The store a command writes into (created on first write); exit 2 for invalid options."""
+    if isinstance(location, str):
+        return _open_url(location, **options)
+    try:
+        return LocalStore(location, **options)
+    except ValueError as e:
+        raise _ArgumentError(_one_line(e)) from None
+
+
 class _Group(click.Group):
     """The command group, with one backstop: a store error (``OSError``, ``ValueError``) that a
     command did not handle becomes one line ``Error: ...`` and exit status 1, never a traceback.
@@ -176,7 +274,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError:
             raise  # `mi-crow-store ls DIR | head`: click's main ends quietly
-        except _STORE_ERRORS as e:
+        except _store_errors() as e:
             raise click.ClickException(_one_line(e)) from None
 
 
@@ -186,16 +284,26 @@ def main() -> None:
     """mi-crow-store: persistence for activations, runs and models.
 
     \b
-    ls, verify and gc take the folder of a store. A folder is a store when it holds
-    the runs directory (--runs-prefix, default runs/) or the models directory
-    (--model-prefix, default models/) as a real directory, not a symbolic link,
-    or the store's lock file .mi-crow-store.lock. With --runs-prefix '' the runs
-    live directly in the folder, so any folder is one.
+    ls, verify, gc and copy (its SRC) take the folder of a store.
+    A folder is a store when it holds the runs directory (--runs-prefix,
+    default runs/) or the models directory (--model-prefix, default models/)
+    as a real directory, not a symbolic link, or the store's lock file
+    .mi-crow-store.lock. With --runs-prefix '' the runs live directly in the
+    folder, so any folder is one.
+
+    \b
+    Every command also takes a URL where it takes a folder: s3://bucket/prefix
+    (object storage; pip install 'mi-crow-store[s3]'; endpoint, region and keys
+    from the AWS_* environment variables), memory:// (a new, empty store in this
+    process: for tests) or file://PATH (the folder PATH). A URL is not checked
+    for being a store: one holding nothing lists and verifies as empty. A folder
+    whose name looks like a URL is written ./NAME.
 
     \b
     Exit status: 0 done and nothing damaged; 1 damaged entries found, or a store
     error stopped the command; 2 bad arguments (not a store, no such run, an
-    invalid name, an unknown option).
+    invalid name, an unknown option, a URL scheme no store serves, a missing
+    extra).
     """
 
 
@@ -205,13 +313,13 @@ def main() -> None:
     "store_dir",
     default="mi-crow-demo-store",
     show_default=True,
-    type=click.Path(path_type=Path),
-    help="Folder of the local store to write the demo run into.",
+    type=_Location(exists=False),
+    help="Folder (or URL) of the store to write the demo run into.",
 )
 @click.option("--batches", default=3, show_default=True, type=click.IntRange(1, 1000))
-def demo(store_dir: Path, batches: int) -> None:
-    """Write a small multi-layer run into a local store, read it back, and print it."""
-    store = LocalStore(store_dir)
+def demo(store_dir: Path | str, batches: int) -> None:
+    """Write a small multi-layer run into a store, read it back, and print it."""
+    store = _open_for_writing(store_dir)
     gen = torch.Generator().manual_seed(0)
     layers = [f"model.layers.{i}" for i in (0, 4, 8, 11)]
     run_id = "demo"
@@ -238,9 +346,14 @@ def demo(store_dir: Path, batches: int) -> None:
                 if got.dtype != t.dtype or not torch.equal(got, t):
                     raise click.ClickException(f"read-back mismatch at batch {b} {layer}/{key}")
     click.echo(
-        f"Wrote and verified run {run_id!r} in {store_dir}/ ({batches} batches x {len(layers)} layers x 2 keys)\n"
+        f"Wrote and verified run {run_id!r} in {_into(store_dir)} ({batches} batches x {len(layers)} layers x 2 keys)\n"
     )
     _print_table(describe(store, [run_id]))
+
+
+def _into(location: Path | str) -> str:
+    """``DIR/`` for a folder, the URL itself for a URL."""
+    return f"{location}/" if isinstance(location, Path) else location
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": None}
@@ -259,7 +372,13 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
     help="Text file, one text per line (blank lines are skipped).",
 )
 @click.option("--run", "run_id", required=True, help="Run id; an existing run is continued where it stopped.")
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--store",
+    "store_dir",
+    required=True,
+    type=_Location(exists=False),
+    help="Folder of the local store (created if missing), or a URL: s3://bucket/prefix.",
+)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -272,17 +391,20 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 )
 @click.option("--device", default="cpu", show_default=True, help="Device to run the model on (cpu, cuda, cuda:1...).")
 @click.option("--overwrite", is_flag=True, help="Delete the run first instead of continuing it.")
+@_store_options("--store", "--store itself")
 def capture(
     model_name: str,
     layers: str,
     texts_file: Path,
     run_id: str,
-    store_dir: Path,
+    store_dir: Path | str,
     batch_size: int,
     max_length: int,
     dtype_name: str,
     device: str,
     overwrite: bool,
+    runs_prefix: str,
+    model_prefix: str,
 ) -> None:
     """Run a Hugging Face model over TEXTS and store the activations of LAYERS in a run."""
     try:
@@ -295,7 +417,7 @@ def capture(
     from mi_crow.store.capture import ActivationCapture
 
     texts = [line.strip() for line in texts_file.read_text("utf-8").splitlines() if line.strip()]
-    store = LocalStore(store_dir)
+    store = _open_for_writing(store_dir, runs_prefix=runs_prefix, model_prefix=model_prefix)
     if overwrite:
         store.delete_run(run_id)
     previous = store.get_run_metadata(run_id).get("cli", {})
@@ -331,7 +453,7 @@ def capture(
     click.echo(
         f"captured run {run_id!r}: {cap.batches} batch(es), {cap.tokens} tokens, {len(layer_names)} layer(s), "
         f"{_fmt_bytes(cap.bytes)} written this session in {seconds:.1f} s "
-        f"({cap.tokens / max(seconds, 1e-9):,.0f} tokens/s) into {store_dir}/\n"
+        f"({cap.tokens / max(seconds, 1e-9):,.0f} tokens/s) into {_into(store_dir)}\n"
     )
     _print_table(describe(store, [run_id]))
     # Read the run back: every non-padding token of every layer, as a training loader sees them.
@@ -344,22 +466,6 @@ def capture(
         click.echo(f"read back {layer}: {n} token rows of {model.config.hidden_size}  {status}")
         if n != total:
             raise click.ClickException("the stored run does not hold every captured token")
-
-
-def _store_options(f: F) -> F:
-    """``--runs-prefix`` and ``--model-prefix``, for stores made with prefixes other than the defaults."""
-    f = click.option(
-        "--model-prefix",
-        default="models",
-        show_default=True,
-        help="The store's model_prefix: the folder of its models, relative to PATH.",
-    )(f)
-    return click.option(
-        "--runs-prefix",
-        default="runs",
-        show_default=True,
-        help="The store's runs_prefix: the folder of its runs, relative to PATH ('' for PATH itself).",
-    )(f)
 
 
 def _real_dir(path: Path, rel: str) -> bool:
@@ -384,8 +490,12 @@ def _is_store(path: Path, runs_prefix: str, model_prefix: str) -> bool:
     return has_lock or _real_dir(path, runs_prefix) or _real_dir(path, model_prefix)
 
 
-def _open_store(path: Path, runs_prefix: str, model_prefix: str) -> LocalStore:
-    """The store at ``path``; exit 2 with one line if the prefixes are invalid or ``path`` is no store."""
+def _open_store(path: Path | str, runs_prefix: str, model_prefix: str) -> LayoutStore:
+    """The store at ``path``; exit 2 with one line if the prefixes are invalid or ``path`` is no store.
+
+    A URL opens through ``open_store``, with no check that anything is there."""
+    if isinstance(path, str):
+        return _open_url(path, runs_prefix=runs_prefix, model_prefix=model_prefix)
     try:
         store = LocalStore(path, runs_prefix=runs_prefix, model_prefix=model_prefix)
     except ValueError as e:
@@ -406,7 +516,7 @@ def _runs_phrase(existing: list[str], limit: int = 20) -> str:
     return f"its runs are: {shown}{more}"
 
 
-def _select_runs(store: LayoutStore, path: Path, runs: tuple[str, ...]) -> list[str] | None:
+def _select_runs(store: LayoutStore, path: Path | str, runs: tuple[str, ...]) -> list[str] | None:
     """The runs named by ``--run`` (``None``: all), each checked to be a valid name and an existing run."""
     if not runs:
         return None
@@ -425,11 +535,11 @@ def _select_runs(store: LayoutStore, path: Path, runs: tuple[str, ...]) -> list[
 
 
 @main.command(name="ls")
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=_Location(exists=True))
 @click.option("--run", "runs", multiple=True, help="Only this run (repeatable); it must exist.")
-@_store_options
-def ls(path: Path, runs: tuple[str, ...], runs_prefix: str, model_prefix: str) -> None:
-    """Print the runs, batches, layers, keys, shapes, dtypes and sizes of the store at PATH.
+@_store_options()
+def ls(path: Path | str, runs: tuple[str, ...], runs_prefix: str, model_prefix: str) -> None:
+    """Print the runs, batches, layers, keys, shapes, dtypes and sizes of the store at PATH (a folder or a URL).
 
     A damaged entry is printed as its row with DAMAGED: and the reason in place of the shape,
     and the listing goes on; the exit status is then 1 (`mi-crow-store verify` checks the data too).
@@ -462,15 +572,16 @@ def _check(store: LayoutStore, selected: list[str] | None) -> tuple[list[Problem
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=_Location(exists=True))
 @click.option(
     "--run", "runs", multiple=True, help="Only this run (repeatable; it must exist); models are then skipped."
 )
-@_store_options
-def verify(path: Path, runs: tuple[str, ...], runs_prefix: str, model_prefix: str) -> None:
-    """Check every entry of the store at PATH; print each damaged file. Exit 1 if any.
+@_store_options()
+def verify(path: Path | str, runs: tuple[str, ...], runs_prefix: str, model_prefix: str) -> None:
+    """Check every entry of the store at PATH (a folder or a URL); print each damaged file. Exit 1 if any.
 
     The final line says what was verified ("ok: ..."), or that the store holds nothing to verify.
+    In a folder, leftovers of interrupted writes are counted too (a note; `gc` removes them).
     """
     store = _open_store(path, runs_prefix, model_prefix)
     selected = _select_runs(store, path, runs)
@@ -479,7 +590,7 @@ def verify(path: Path, runs: tuple[str, ...], runs_prefix: str, model_prefix: st
         click.echo(f"CORRUPT {p.path}: {p.problem}")
     for what, error in errors:
         click.echo(f"ERROR {what} could not be checked: {error}")
-    leftovers = _leftovers(path)
+    leftovers = _leftovers(path) if isinstance(path, Path) else []
     if leftovers:
         click.echo(
             f"note: {len(leftovers)} leftover(s) of interrupted writes (not data); "
@@ -515,14 +626,101 @@ def _leftovers(path: Path) -> list[Path]:
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@_store_options
-def gc(path: Path, runs_prefix: str, model_prefix: str) -> None:
-    """Remove temp files and directories that interrupted writes left in the store at PATH."""
-    report = _open_store(path, runs_prefix, model_prefix).gc()
+@click.argument("path", type=_Location(exists=True))
+@click.option(
+    "--grace",
+    "grace_seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help=f"Object stores only: leave leftovers younger than this alone, as writes that may still be running "
+    f"(default {GC_GRACE_DEFAULT:g}). Refused for a folder: a local store's gc waits for running writes instead.",
+)
+@_store_options()
+def gc(path: Path | str, grace_seconds: float | None, runs_prefix: str, model_prefix: str) -> None:
+    """Remove temp files and directories that interrupted writes left in the store at PATH.
+
+    In a folder, gc waits until no write is in progress (writers hold a lock) and removes every
+    leftover. On object storage no lock can say so: leftovers (uploads of writes that never
+    committed) are removed once older than --grace seconds.
+    """
+    if isinstance(path, Path) and grace_seconds is not None:
+        raise _ArgumentError(
+            "--grace applies to object stores (s3://) only: a local store's gc waits for running writes "
+            "(a lock) and needs no grace period"
+        )
+    store = _open_store(path, runs_prefix, model_prefix)
+    if isinstance(store, LocalStore) and isinstance(path, Path):
+        report = store.gc()
+    else:
+        collect = getattr(store, "gc", None)
+        if collect is None:
+            raise _ArgumentError(
+                f"gc does not apply to {path}: a {type(store).__name__} keeps no leftovers of interrupted writes"
+            )
+        report = collect(grace_seconds=GC_GRACE_DEFAULT if grace_seconds is None else grace_seconds)
     for removed in report.removed:
         click.echo(f"removed {removed}")
     click.echo(f"{len(report.removed)} leftover(s) removed, {_fmt_bytes(report.bytes_freed)} freed")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """Whether folder ``a`` is ``b`` or lies inside it (both resolved; ``b`` need not exist)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def _copy_target(dst: Path | str, src: Path | str, runs_prefix: str, model_prefix: str) -> LayoutStore:
+    """The store ``copy`` writes into: a URL, or a folder that is new, empty, or a store (not SRC)."""
+    if isinstance(dst, str):
+        return _open_url(dst, runs_prefix=runs_prefix, model_prefix=model_prefix)
+    if isinstance(src, Path) and (_inside(dst, src) or _inside(src, dst)):
+        raise _ArgumentError(f"DST {dst} and SRC {src} are the same folder, or one lies inside the other")
+    if dst.exists() and any(dst.iterdir()) and not _is_store(dst, runs_prefix, model_prefix):
+        raise _ArgumentError(
+            f"{dst} is not empty and not a mi-crow-store store: copy into a new or empty folder, or into a store "
+            f"(it has no {runs_prefix or '.'}/ or {model_prefix}/ directory and no {LOCK_NAME})"
+        )
+    return _open_for_writing(dst, runs_prefix=runs_prefix, model_prefix=model_prefix)
+
+
+@main.command(name="copy")
+@click.argument("src", type=_Location(exists=True))
+@click.argument("dst", type=_Location(exists=False))
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    help="Only this run (repeatable; it must exist in SRC); models are still copied unless --no-models.",
+)
+@click.option("--no-models", is_flag=True, help="Do not copy the models.")
+@_store_options("SRC and to DST alike", "their top")
+def copy_command(
+    src: Path | str, dst: Path | str, runs: tuple[str, ...], no_models: bool, runs_prefix: str, model_prefix: str
+) -> None:
+    """Copy the runs and models of the store SRC into DST (folders or URLs), verified and resumable.
+
+    \b
+    mi-crow-store copy ./store s3://bucket/prefix
+    mi-crow-store copy s3://bucket/prefix ./store --run run-1
+
+    Every entry is read from SRC with its checksums verified, written to DST, read back (verified)
+    and compared bit for bit; a damaged SRC file stops the copy (exit 1) naming it. Run the same
+    command again after an interruption (even a kill): entries DST already holds, equal, are
+    skipped; missing or different ones are written (the source's version wins). A run's
+    metadata is written last. Nothing is deleted from DST. Files that are not store entries (a
+    trainer's model.pt in a run folder) are not copied. DST, a folder, is created if missing; an
+    existing one must be empty or a store.
+    """
+    source = _open_store(src, runs_prefix, model_prefix)
+    selected = _select_runs(source, src, runs)
+    target = _copy_target(dst, src, runs_prefix, model_prefix)
+    report = copy_store(source, target, runs=selected, models=not no_models, progress=click.echo)
+    entries = "entry" if report.copied == 1 else "entries"
+    click.echo(
+        f"copied {report.copied} {entries} ({_fmt_bytes(report.bytes_copied)}), {report.skipped} already present, "
+        f"from {src} to {dst}"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

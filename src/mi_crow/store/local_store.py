@@ -16,12 +16,12 @@ import fcntl
 import os
 import stat
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, TypeVar
 
 from mi_crow.store import _atomic, _fs
+from mi_crow.store._backend import Capabilities, GcReport
 from mi_crow.store._layout import LayoutStore
 from mi_crow.store._tensor_file import Payload
 from mi_crow.store.errors import CorruptFileError
@@ -91,6 +91,9 @@ class _LocalDir:
             return _fs.scan(self._subdir(rel) if rel else self.fd)
         except FileNotFoundError:
             return []
+
+    def prefetch(self, rels: Sequence[str]) -> None:
+        pass  # files are read when opened
 
     def moved(self) -> bool:
         try:
@@ -198,14 +201,6 @@ class _WriterLock:
             os.close(fd)
 
 
-@dataclass(frozen=True)
-class GcReport:
-    """What ``LocalStore.gc`` removed: leftover paths and the bytes they held."""
-
-    removed: list[str]
-    bytes_freed: int
-
-
 # A write whose directory was removed under it (a concurrent delete_run) starts over this often.
 _WRITE_RETRIES = 8
 
@@ -281,6 +276,7 @@ class LocalStore(LayoutStore):
         )
         self.durable = durable
         self._mmap_min = MMAP_MIN_BYTES if mmap else None
+        self.capabilities = Capabilities(atomic_directories=True, memory_map=mmap)
         self._writers = _WriterLock(self._base)
 
     def __getstate__(self) -> dict[str, Any]:

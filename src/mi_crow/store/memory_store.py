@@ -11,7 +11,7 @@ import contextlib
 import errno
 import io
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 from mi_crow.store._layout import LayoutStore
@@ -51,6 +51,9 @@ class _MemoryDir:
                 name, sep, _ = k[len(prefix) :].partition("/")
                 children[name] = children.get(name, False) or bool(sep)
         return list(children.items())
+
+    def prefetch(self, rels: Sequence[str]) -> None:
+        pass  # files are read when opened
 
     def moved(self) -> bool:
         return False  # a snapshot: it never changes under the reader

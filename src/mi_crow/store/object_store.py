@@ -1,0 +1,636 @@
+"""``ObjectStore``: the same store on S3-compatible object storage, through obstore.
+
+The layout is the local store's (``docs/format.md``): a local store uploaded to a bucket with
+a plain recursive copy is readable here, and the keys users see are mi_crow 1.0's where one
+object can hold an entry (``meta.json``, ``batch_{i}/metadata.json``, ``batch_{i:06d}.safetensors``,
+the append log). What S3 lacks (rename, directories) is replaced by a commit object: a batch's
+or a model's tensor files go to a new generation folder ``.g{gen}/`` and its ``metadata.json``,
+written last, names it (``_commit.CommitObject``). Appends claim their number with
+``If-None-Match: *``. Needs ``pip install 'mi-crow-store[s3]'`` (obstore).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from mi_crow.store import _keys
+from mi_crow.store._backend import Capabilities, GcReport, ObjectInfo, ObjectReplaced
+from mi_crow.store._commit import read_generation
+from mi_crow.store._layout import LayoutStore
+from mi_crow.store._names import check_name
+from mi_crow.store._tensor_file import PREFETCH, Payload
+from mi_crow.store.errors import StoreError
+
+try:
+    import obstore
+    from obstore.exceptions import AlreadyExistsError, PreconditionError
+    from obstore.store import S3Store
+except ImportError as e:  # pragma: no cover - the s3 extra is installed wherever this is tested
+    raise ImportError("ObjectStore needs obstore: pip install 'mi-crow-store[s3]' (it installs obstore==0.12.1)") from e
+
+# Objects at least this large go up as multipart uploads, in parts of PART_SIZE sent in parallel
+# straight from the tensors' memory; smaller ones in one PUT.
+MULTIPART_MIN = 16 * 1024 * 1024
+PART_SIZE = 8 * 1024 * 1024
+# Tensors at least this large come back as views of the bytes one ranged GET returned (no copy);
+# the bytes of the file's first GET are then fetched again, at most 1/64 of the tensor.
+BORROW_MIN = 4 * 1024 * 1024
+# Objects written when a store first writes, to check that the server honours conditional PUT.
+_PROBE_DIR = ".mi-crow-store"
+
+_probed: dict[tuple[str, str], bool] = {}
+_probe_lock = threading.Lock()
+
+# obstore cannot be used in a process forked from one that used it (measured with 0.12.1: the
+# child hangs, even with a fresh client, and the parent can crash). Refuse with a clear error
+# rather than hang; DataLoader workers must be started with spawn or forkserver.
+_used_in_pid: int | None = None
+_forked_after_use = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_use
+    if _used_in_pid is not None:
+        _forked_after_use = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ObjectStoreError(StoreError, OSError):
+    """A request to the object store failed (after the client's retries), or the server lacks
+    something the store needs. Names the object's URL."""
+
+
+def _parse_url(url: str) -> tuple[str, str]:
+    m = re.fullmatch(r"s3://([^/]+)/?(.*)", url)
+    if m is None:
+        raise ValueError(f"an ObjectStore URL is s3://bucket/prefix, got {url!r}")
+    bucket, prefix = m.group(1), m.group(2).strip("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"invalid bucket name {bucket!r} in {url!r} (3-63 of a-z, 0-9, '.', '-')")
+    if prefix:
+        for part in prefix.split("/"):
+            check_name(part, f"component of the prefix in {url!r}")
+    return bucket, prefix
+
+
+class _ObjectFile(io.RawIOBase):
+    """One version of an object, read by ranged GETs pinned to its ETag.
+
+    The first GET brings its first ``PREFETCH`` bytes and its size (small objects: all of
+    them, then available as :attr:`whole`); later reads fetch only what they ask for, with
+    ``If-Match`` so that a concurrent overwrite raises instead of mixing two versions.
+    """
+
+    def __init__(self, store: ObjectStore, key: str, head: memoryview, size: int, etag: str | None):
+        super().__init__()
+        self._store = store
+        self._key = key
+        self._head = head
+        self._size = size
+        self._etag = etag
+        self._pos = 0
+        self.whole: memoryview | None = head if len(head) == size else None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _range(self, start: int, end: int) -> memoryview:
+        options: dict[str, Any] = {"range": (start, end)}
+        if self._etag is not None:
+            options["if_match"] = self._etag
+        try:
+            got = memoryview(self._store._call(obstore.get, self._key, options=options).bytes())
+        except PreconditionError:
+            raise ObjectReplaced(f"{self._store._where(self._key)} was replaced while being read") from None
+        if len(got) != end - start:
+            raise ObjectReplaced(f"{self._store._where(self._key)} changed size while being read")
+        return got
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = min(len(view), self._size - self._pos)
+        if n <= 0:
+            return 0
+        start, end = self._pos, self._pos + n
+        done = 0
+        if start < len(self._head):
+            done = min(end, len(self._head)) - start
+            view[:done] = self._head[start : start + done]
+        if done < n:
+            view[done:n] = self._range(start + done, end)
+        self._pos = end
+        return n
+
+    def borrow_range(self, start: int, end: int) -> memoryview | None:
+        """The bytes ``start..end`` as a buffer no one else holds (a view for a tensor), or ``None``
+        when copying is as good (small ranges, or ranges already read)."""
+        if end - start < BORROW_MIN or end <= len(self._head):
+            return None
+        return self._range(start, end)
+
+
+class ObjectStore(LayoutStore):
+    """A :class:`Store` on S3-compatible object storage (AWS S3, MinIO, SeaweedFS, R2...).
+
+    Everything ``LocalStore`` offers (models, run-level appends, ``check``, ``gc``) with the
+    same layout; see ``docs/format.md`` for how a multi-file entry is committed. Safe with many
+    writing processes on many machines without locks: appends claim their number with a
+    conditional PUT, concurrent writes of one batch leave one of them whole, and readers racing
+    an overwrite see the old entry or the new one. The first write of a store checks once per
+    process that the server honours conditional PUT (``If-None-Match: *``) and refuses to write
+    if it does not.
+
+    ``base_path`` only names the URL (the ``Store`` contract types it as a ``Path``): code that
+    writes files under it itself, such as mi_crow 1.0's ``SaeTrainer`` or its dataset saving,
+    needs a ``LocalStore``. Not usable in a process forked after obstore was used (obstore
+    hangs there): start DataLoader workers with ``multiprocessing_context="spawn"``.
+
+    Examples:
+        >>> from mi_crow.store import ObjectStore
+        >>> store = ObjectStore("s3://my-bucket/activations")  # doctest: +SKIP
+        >>> store.put_run_metadata("run-1", {"model": "gpt2"})  # doctest: +SKIP
+        'runs/run-1/meta.json'
+    """
+
+    capabilities = Capabilities(atomic_directories=False, listing_is_recursive=True)
+
+    def __init__(
+        self,
+        base_path: str,
+        runs_prefix: str = "runs",
+        dataset_prefix: str = "datasets",
+        model_prefix: str = "models",
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        allow_http: bool | None = None,
+        config: Mapping[str, Any] | None = None,
+        client_options: Mapping[str, Any] | None = None,
+        retry_config: Mapping[str, Any] | None = None,
+        single_writer: bool = False,
+        max_concurrency: int = 16,
+        verify: bool = False,
+        checksums: bool = True,
+        allow_nan: bool = True,
+    ):
+        """Open the store at the URL ``base_path``; nothing is requested from the server until first used.
+
+        Args:
+            base_path: The store's URL, ``s3://bucket`` or ``s3://bucket/prefix`` (the ``Store``
+                contract's name for where a store is); nothing is written outside the prefix.
+            runs_prefix: As for ``LocalStore``, under the URL's prefix.
+            dataset_prefix: As for ``LocalStore``.
+            model_prefix: As for ``LocalStore``, under the URL's prefix.
+            endpoint: The server's URL (e.g. ``http://127.0.0.1:8333``); default: ``AWS_ENDPOINT_URL``
+                or AWS itself.
+            region: Default: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
+            access_key_id: Default: ``AWS_ACCESS_KEY_ID`` (or the other sources obstore knows).
+            secret_access_key: Default: ``AWS_SECRET_ACCESS_KEY``.
+            session_token: Default: ``AWS_SESSION_TOKEN``.
+            allow_http: Allow ``http://`` endpoints (default: ``AWS_ALLOW_HTTP``).
+            config: Further obstore ``S3Config`` settings (``virtual_hosted_style_request``...);
+                the arguments above take precedence.
+            client_options: obstore client options (``timeout``, ``connect_timeout``...).
+            retry_config: obstore's retry settings (``max_retries``, ``backoff``, ``retry_timeout``).
+                Server errors and timeouts are retried with exponential backoff (obstore's default:
+                10 retries within 3 minutes); what still fails raises :class:`ObjectStoreError`
+                (an ``OSError``) naming the object.
+            single_writer: Skip the conditional-PUT check and claim appends with a HEAD, then a PUT,
+                for servers without conditional PUT. Safe only while one process writes.
+            max_concurrency: Requests in flight for one call (parallel parts, a batch's objects).
+            verify: As for ``LocalStore``.
+            checksums: As for ``LocalStore``.
+            allow_nan: As for ``LocalStore``.
+        """
+        if not isinstance(base_path, str):
+            raise ValueError(f"base_path must be a URL string s3://bucket/prefix, got {type(base_path).__name__}")
+        bucket, prefix = _parse_url(base_path)
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+        super().__init__(
+            Path(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"),
+            runs_prefix,
+            dataset_prefix,
+            model_prefix,
+            verify=verify,
+            checksums=checksums,
+            allow_nan=allow_nan,
+        )
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self.single_writer = single_writer
+        self.max_concurrency = max_concurrency
+        settings: dict[str, Any] = dict(config or {})
+        for name, value in (
+            ("endpoint", endpoint),
+            ("region", region),
+            ("access_key_id", access_key_id),
+            ("secret_access_key", secret_access_key),
+            ("session_token", session_token),
+        ):
+            if value is not None:
+                settings[name] = value
+        options = dict(client_options or {})
+        if allow_http is not None:
+            options["allow_http"] = allow_http
+        self._config = settings
+        self._client_options = options
+        self._retry_config = dict(retry_config) if retry_config is not None else None
+        self._client_obj: S3Store | None = None
+        self._pool_obj: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_client_obj"] = None
+        state["_pool_obj"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.url!r})"
+
+    # ------------------------------------------------------------------ client
+
+    @property
+    def _client(self) -> S3Store:
+        global _used_in_pid
+        if _forked_after_use:
+            raise ObjectStoreError(
+                f"{self.url}: obstore cannot be used in a process forked from one that used it (it hangs); "
+                "start worker processes with the 'spawn' or 'forkserver' method "
+                "(DataLoader(..., multiprocessing_context='spawn'))"
+            )
+        with self._lock:
+            if self._client_obj is None:
+                kwargs: dict[str, Any] = dict(self._config)
+                if self._client_options:
+                    kwargs["client_options"] = self._client_options
+                if self._retry_config is not None:
+                    kwargs["retry_config"] = self._retry_config
+                self._client_obj = S3Store(self.bucket, **kwargs)
+                _used_in_pid = os.getpid()
+            return self._client_obj
+
+    @property
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool_obj is None:
+                self._pool_obj = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="mi-crow-store-s3")
+            return self._pool_obj
+
+    def _full(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
+
+    def _rel(self, full: str, base: str) -> str:
+        start = len(base) + 1 if base else 0
+        return full[start:]
+
+    def _where(self, key: str) -> str:
+        return f"{self.url}/{key}" if key else self.url
+
+    def _call(self, fn: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+        """``fn(client, full key, ...)``: obstore's errors as ``FileNotFoundError`` (missing) or
+        :class:`ObjectStoreError` naming the object (after obstore's own retries)."""
+        try:
+            return fn(self._client, self._full(key), *args, **kwargs)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no object {self._where(key)}") from None
+        except (AlreadyExistsError, PreconditionError):
+            raise
+        except obstore.exceptions.BaseError as e:
+            raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+
+    # ------------------------------------------------------------------ writes
+
+    def _check_conditional_put(self) -> None:
+        """Once per process and server: refuse to write where ``If-None-Match: *`` is not honoured."""
+        if self.single_writer:
+            return
+        endpoint = str(
+            self._config.get("endpoint")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or "aws"
+        )
+        ident = (endpoint, self.bucket)
+        with _probe_lock:
+            if _probed.get(ident):
+                return
+            key = f"{_PROBE_DIR}/probe-{uuid.uuid4().hex}"
+            try:
+                self._call(obstore.put, key, b"1", mode="create")
+                try:
+                    self._call(obstore.put, key, b"2", mode="create")
+                    honoured = False
+                except AlreadyExistsError:
+                    honoured = True
+            except ObjectStoreError as e:
+                raise ObjectStoreError(
+                    f"{self.url}: the server refused a conditional PUT (If-None-Match: *), which concurrent writers "
+                    f"need: {e}. For a single writing process pass single_writer=True."
+                ) from e
+            finally:
+                with contextlib.suppress(OSError):
+                    self._call(obstore.delete, key)
+            if not honoured:
+                raise ObjectStoreError(
+                    f"{self.url}: the server does not honour conditional PUT (If-None-Match: * overwrote an "
+                    "existing object), so concurrent writers could lose data; refusing to write. For a single "
+                    "writing process pass single_writer=True."
+                )
+            _probed[ident] = True
+
+    def _put(self, key: str, payload: Payload, *, create: bool = False) -> None:
+        nbytes = payload.nbytes()
+        if not create and nbytes >= MULTIPART_MIN:
+            # Parts are cut from the tensors' own memory (head first: it is ready once the CRCs are).
+            buffers = [memoryview(b).cast("B") for b in payload.buffers()]
+            self._call(
+                obstore.put,
+                key,
+                iter(buffers),
+                use_multipart=True,
+                chunk_size=PART_SIZE,
+                max_concurrency=self.max_concurrency,
+            )
+            return
+        data = b"".join(memoryview(b).cast("B") for b in payload.buffers())
+        self._call(obstore.put, key, data, mode="create" if create else None, use_multipart=False)
+
+    def _write(self, key: str, payload: Payload) -> None:
+        self._check_conditional_put()
+        self._put(key, payload)
+
+    def _write_new(self, key: str, payload: Payload) -> bool:
+        self._check_conditional_put()
+        if self.single_writer:
+            if self._exists(key):
+                return False
+            self._put(key, payload)
+            return True
+        try:
+            self._put(key, payload, create=True)
+        except AlreadyExistsError:
+            return False
+        return True
+
+    def _write_many(self, files: Mapping[str, Payload]) -> None:
+        if len(files) <= 1:
+            for key, payload in files.items():
+                self._write(key, payload)
+            return
+        self._check_conditional_put()
+        for f in [self._pool.submit(self._put, key, payload) for key, payload in files.items()]:
+            f.result()
+
+    # ------------------------------------------------------------------ reads
+
+    @contextlib.contextmanager
+    def _open(self, key: str) -> Iterator[BinaryIO]:
+        yield cast(BinaryIO, self._open_object(key))
+
+    def _open_object(self, key: str) -> _ObjectFile:
+        try:
+            got = self._call(obstore.get, key, options={"range": (0, PREFETCH)})
+        except ObjectStoreError as e:
+            if "416" not in str(e):
+                raise
+            got = self._call(obstore.get, key)  # an empty object: no byte range is satisfiable
+        head = memoryview(got.bytes())
+        meta = got.meta
+        return _ObjectFile(self, key, head, int(meta["size"]), meta.get("e_tag"))
+
+    def _read_bytes(self, key: str) -> bytes:
+        return bytes(self._call(obstore.get, key).bytes())
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._call(obstore.head, key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _read_many(self, keys: Sequence[str]) -> dict[str, bytes | memoryview]:
+        def fetch(key: str) -> memoryview | None:
+            try:
+                return memoryview(self._call(obstore.get, key).bytes())
+            except FileNotFoundError:
+                return None
+
+        futures = {key: self._pool.submit(fetch, key) for key in keys}
+        return {key: data for key, f in futures.items() if (data := f.result()) is not None}
+
+    def _reader_of(self, key: str, data: bytes | memoryview) -> BinaryIO:
+        view = memoryview(data)
+        return cast(BinaryIO, _ObjectFile(self, key, view, len(view), None))
+
+    # ------------------------------------------------------------------ listing and deleting
+
+    def _list(self, key: str) -> list[tuple[str, bool]]:
+        full = self._full(key)
+        try:
+            listed = obstore.list_with_delimiter(self._client, full or None)
+        except obstore.exceptions.BaseError as e:
+            if _no_bucket(e):
+                return []
+            raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+        # An emptied folder can also list as a 0-byte object named like the folder (SeaweedFS).
+        out = [(name, False) for o in listed["objects"] if (name := self._rel(o["path"], full))]
+        prefixes = [self._rel(p.rstrip("/"), full) for p in listed["common_prefixes"]]
+        # A folder whose last object was deleted can still show up for a while (SeaweedFS):
+        # a folder counts only while something is in it.
+        if prefixes:
+            nonempty = self._pool.map(lambda name: self._has_objects(_keys.join(key, name)), prefixes)
+            out += [(name, True) for name, keep in zip(prefixes, nonempty, strict=True) if keep]
+        return out
+
+    def _has_objects(self, key: str) -> bool:
+        try:
+            for chunk in obstore.list(self._client, self._full(key), chunk_size=1):
+                if chunk:
+                    return True
+        except obstore.exceptions.BaseError as e:
+            if _no_bucket(e):
+                return False
+            raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+        return False
+
+    def _list_tree(self, key: str, *, after: str | None = None) -> Iterator[ObjectInfo]:
+        full = self._full(key)
+        offset = None if not after else _keys.join(full, start) if (start := _start_after(after)) else None
+        try:
+            for chunk in obstore.list(self._client, full or None, offset=offset, chunk_size=1000):
+                for o in chunk:
+                    rel = self._rel(o["path"], full)
+                    if after is None or rel > after:  # code-point order is UTF-8 byte order
+                        yield ObjectInfo(rel, int(o["size"]), o.get("last_modified"))
+        except obstore.exceptions.BaseError as e:
+            if _no_bucket(e):
+                return
+            raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+
+    def _delete(self, key: str) -> None:
+        keys = [key] + [_keys.join(key, info.key) for info in self._list_tree(key)]
+        # Commit objects first: a reader then finds the entry absent, never half of it.
+        commits = {_keys.METADATA_FILE, _keys.RUN_METADATA_FILE}
+        first = [k for k in keys if k.rsplit("/", 1)[-1] in commits]
+        rest = [k for k in keys if k.rsplit("/", 1)[-1] not in commits]
+        for group in (first, rest):
+            for i in range(0, len(group), 1000):
+                chunk = [self._full(k) for k in group[i : i + 1000]]
+                try:
+                    obstore.delete(self._client, chunk)
+                except FileNotFoundError:
+                    pass
+                except obstore.exceptions.BaseError as e:
+                    raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+
+    # ------------------------------------------------------------------ mi_crow's local paths
+
+    def _run_key(self, run_id: str) -> Path:
+        raise NotImplementedError(
+            f"{self.url} is object storage: there is no local folder for run {run_id!r}. mi_crow 1.0's SaeTrainer "
+            "saves files into the run folder itself and needs a LocalStore."
+        )
+
+    _run_batch_key = _run_key  # type: ignore[assignment]
+    _run_metadata_key = _run_key
+
+    # ------------------------------------------------------------------ maintenance
+
+    def gc(self, *, grace_seconds: float = 3600.0) -> GcReport:
+        """Remove objects no committed entry references: older generations of a batch or model
+        (replaced by a newer commit), generations a killed writer never committed, and tensor
+        files at mi_crow's paths that a newer generation replaced.
+
+        Only objects older than ``grace_seconds`` are removed, so a write in progress (tensor
+        files uploaded, commit not yet written) is left alone: the grace period must exceed the
+        longest write. Run metadata, run batches, appends, and files that are not the store's
+        are never touched. Safe while other processes read and write.
+
+        Returns:
+            A :class:`GcReport` with the removed objects' URLs and their bytes.
+        """
+        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be a number >= 0, got {grace_seconds!r}")
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=grace_seconds)
+        removed: list[str] = []
+        freed = 0
+        for entries in (
+            self._entry_folders(self.runs_prefix, depth=2),
+            self._entry_folders(self.model_prefix, depth=1),
+        ):
+            for folder, objects in entries:
+                for info in self._garbage(folder, objects):
+                    if info.modified is not None and info.modified > cutoff:
+                        continue
+                    key = _keys.join(folder, info.key)
+                    try:
+                        obstore.delete(self._client, self._full(key))
+                    except FileNotFoundError:
+                        continue
+                    removed.append(self._where(key))
+                    freed += info.size
+        return GcReport(sorted(removed), freed)
+
+    def _entry_folders(self, prefix: str, depth: int) -> Iterator[tuple[str, list[ObjectInfo]]]:
+        """``(folder, objects in it)`` for every batch folder (``depth=2``: run/batch_i) or model
+        folder (``depth=1``) under ``prefix``, from one recursive listing."""
+        others = self._top_names(prefix)
+        current: str | None = None
+        objects: list[ObjectInfo] = []
+        for info in self._list_tree(prefix):
+            parts = info.key.split("/")
+            if len(parts) <= depth or parts[0] in others:
+                continue
+            if depth == 2 and _keys.batch_index(parts[1], True) is None:
+                continue
+            folder = _keys.join(prefix, "/".join(parts[:depth]))
+            if folder != current:
+                if current is not None:
+                    yield current, objects
+                current, objects = folder, []
+            objects.append(ObjectInfo("/".join(parts[depth:]), info.size, info.modified))
+        if current is not None:
+            yield current, objects
+
+    def _garbage(self, folder: str, objects: list[ObjectInfo]) -> list[ObjectInfo]:
+        names = {o.key for o in objects}
+        generation: str | None = None
+        committed = _keys.METADATA_FILE in names
+        if committed:
+            try:
+                raw = self._read_bytes(f"{folder}/{_keys.METADATA_FILE}")
+                generation = read_generation(raw, self._where(f"{folder}/{_keys.METADATA_FILE}"))
+            except FileNotFoundError:
+                committed = False  # deleted meanwhile
+            except (OSError, ValueError):
+                return []  # a damaged commit: leave everything for check() to report
+        current = _keys.generation_dir(generation) if generation else None
+        out = []
+        for o in objects:
+            top = o.key.split("/", 1)[0]
+            if _keys.generation_of(top) is not None:
+                if top != current:
+                    out.append(o)  # another generation: older, or never committed
+            elif current is not None and o.key != _keys.METADATA_FILE and o.key.endswith(_keys.SUFFIX):
+                out.append(o)  # a tensor file at mi_crow's path, replaced by a generation
+        return out
+
+
+def _start_after(after: str) -> str | None:
+    """A start-after key for listing the keys greater than ``after`` on any server.
+
+    S3's start-after is a plain key, but SeaweedFS also skips the keys inside a folder whose name
+    is exactly the start-after key. So the listing starts after ``after`` less its last
+    character (the caller drops what is not greater than ``after``): the keys a server may skip
+    then all start with that shorter key and ``/``, which sorts before ``after``'s last character
+    when that is above ``/``; otherwise no start-after at all (``None``: list from the start).
+    """
+    start = after[:-1]
+    if not start or start.endswith("/") or after[-1] <= "/":
+        return None
+    return start
+
+
+def _no_bucket(e: BaseException) -> bool:
+    """Whether a listing failed because the bucket does not exist yet (it is created by the first
+    PUT): the store is then empty, as a LocalStore whose folder does not exist."""
+    return "NoSuchBucket" in str(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
