@@ -20,6 +20,7 @@ import proc_workers as pw
 from mi_crow.store import ActivationCapture, Capabilities, LocalStore, MemoryStore, Store
 from mi_crow.store._tensor_file import Payload
 from mi_crow.store.capture import extract_tensor
+from mi_crow.store.object_store import ObjectStore
 from mi_crow.store.testing.store_tests import assert_same
 
 transformers = pytest.importorskip("transformers")
@@ -330,7 +331,18 @@ def test_capture_survives_sigkill_and_resumes(tmp_path: Path) -> None:
     assert store.check() == []
 
 
-def test_capture_cli_on_a_tiny_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_capture_cli_on_a_tiny_model(tmp_path: Path, target: str, request: pytest.FixtureRequest) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if target == "local":
+        where = str(tmp_path / "s")
+        store: Any = LocalStore(tmp_path / "s")
+    else:  # the endpoint and credentials from the standard AWS_* variables, as on a cluster
+        server = request.getfixturevalue("seaweedfs")
+        where = f"s3://{server.new_bucket()}/activations"
+        env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+        env.update(server.env(), NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        store = ObjectStore(where, config=server.store_config(), client_options=server.client_options())
     model = tiny_bert()
     model.save_pretrained(tmp_path / "model")
     texts = tmp_path / "texts.txt"
@@ -358,7 +370,7 @@ def test_capture_cli_on_a_tiny_model(tmp_path: Path) -> None:
         "--run",
         "cli",
         "--store",
-        str(tmp_path / "s"),
+        where,
         "--batch-size",
         "3",
         "--max-length",
@@ -366,12 +378,10 @@ def test_capture_cli_on_a_tiny_model(tmp_path: Path) -> None:
         "--dtype",
         "bf16",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "captured run 'cli': 3 batch(es), 21 tokens, 1 layer(s)" in proc.stdout
     assert "read back encoder.layer.1: 21 token rows of 32  ok" in proc.stdout
-    store = LocalStore(tmp_path / "s")
     assert store.list_run_batches("cli") == [0, 1, 2]
     again = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     assert again.returncode == 0 and "0 text(s) left" in again.stdout

@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ import obstore
 import pytest
 import torch
 
-from mi_crow.store import LocalStore, open_store
+from mi_crow.store import LocalStore, _multipart, open_store
 from mi_crow.store.object_store import ObjectStore, ObjectStoreError
 from mi_crow.store.testing import StoreTests
 from mi_crow.store.testing.seaweedfs import SeaweedFS
@@ -407,3 +408,30 @@ def test_writes_are_refused_where_conditional_put_is_not_honoured(seaweedfs: Sea
         proxy.shutdown()
         proxy.server_close()
         thread.join(30)
+
+
+def test_gc_aborts_uploads_a_killed_writer_left(seaweedfs: SeaweedFS, s3_url: str) -> None:
+    store = make_store(seaweedfs, s3_url)
+    store.put_run_batch("r", 0, [torch.ones(3)])
+    bucket, _, prefix = s3_url.removeprefix("s3://").partition("/")
+    client = seaweedfs.client(bucket)
+    # A multipart upload started and never completed, as a writer killed mid-upload leaves it.
+    writer = obstore.open_writer(client, f"{prefix}/runs/r/batch_000001.safetensors", buffer_size=5 * 1024 * 1024)
+    writer.write(b"x" * (6 * 1024 * 1024))
+    writer.flush()
+    outside = obstore.open_writer(client, "elsewhere/big.bin", buffer_size=5 * 1024 * 1024)
+    outside.write(b"y" * (6 * 1024 * 1024))
+    outside.flush()
+    signer = _multipart.Signer.from_settings(bucket, seaweedfs.store_config(), seaweedfs.client_options())
+    assert signer is not None
+    ours = [u for u in signer.uploads(f"{prefix}/")]
+    assert [u.key for u in ours] == [f"{prefix}/runs/r/batch_000001.safetensors"]
+    assert store.gc(grace_seconds=3600).removed == []  # too young: could be a write in progress
+    time.sleep(1.1)  # SeaweedFS records the start in whole seconds; gc compares it with "now"
+    removed = store.gc(grace_seconds=0).removed
+    assert removed == [
+        f"s3://{bucket}/{prefix}/runs/r/batch_000001.safetensors (incomplete upload {ours[0].upload_id})"
+    ]
+    assert list(signer.uploads(f"{prefix}/")) == []
+    assert [u.key for u in signer.uploads("elsewhere/")] == ["elsewhere/big.bin"]  # outside the prefix: untouched
+    assert store.list_run_batches("r") == [0]

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from mi_crow.store import _keys
+from mi_crow.store import _keys, _multipart
 from mi_crow.store._backend import Capabilities, GcReport, ObjectInfo, ObjectReplaced
 from mi_crow.store._commit import read_generation
 from mi_crow.store._layout import LayoutStore
@@ -540,6 +540,13 @@ class ObjectStore(LayoutStore):
         longest write. Run metadata, run batches, appends, and files that are not the store's
         are never touched. Safe while other processes read and write.
 
+        Also aborts the multipart uploads under the prefix that a killed writer never completed
+        and that were started before the grace period (their parts are invisible but stored).
+        That needs the credentials as options or ``AWS_*`` variables (obstore cannot list
+        uploads; gc signs those two requests itself); with credentials from elsewhere (an
+        instance profile) incomplete uploads are left to the bucket's lifecycle rules. Their
+        bytes are not counted in ``bytes_freed``.
+
         Returns:
             A :class:`GcReport` with the removed objects' URLs and their bytes.
         """
@@ -563,6 +570,14 @@ class ObjectStore(LayoutStore):
                         continue
                     removed.append(self._where(key))
                     freed += info.size
+        # Multipart uploads a killed writer never completed (invisible to listings, still stored).
+        signer = _multipart.Signer.from_settings(self.bucket, self._config, self._client_options)
+        if signer is not None:
+            for upload in signer.uploads(self._full("") + "/" if self.prefix else ""):
+                if upload.initiated is None or upload.initiated > cutoff:
+                    continue
+                if signer.abort(upload):
+                    removed.append(f"s3://{self.bucket}/{upload.key} (incomplete upload {upload.upload_id})")
         return GcReport(sorted(removed), freed)
 
     def _entry_folders(self, prefix: str, depth: int) -> Iterator[tuple[str, list[ObjectInfo]]]:
