@@ -159,7 +159,7 @@ class _CommitReader:
         data = self._fetched.pop(key, None)
         if data is not None:
             return self._store._reader_of(key, data)
-        return self._files.enter_context(self._store._open(key))
+        return self._files.enter_context(self._store._open_whole(key))  # tensor files are read whole
 
     def read_head(self, rel: str, n: int) -> tuple[bytes | memoryview, BinaryIO | None]:
         f = self.open(rel)

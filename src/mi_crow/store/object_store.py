@@ -432,6 +432,12 @@ class ObjectStore(LayoutStore):
         meta = got.meta
         return _ObjectFile(self, key, head, int(meta["size"]), meta.get("e_tag"))
 
+    @contextlib.contextmanager
+    def _open_whole(self, key: str) -> Iterator[BinaryIO]:
+        got = self._call(obstore.get, key)
+        data = memoryview(got.bytes())
+        yield cast(BinaryIO, _ObjectFile(self, key, data, len(data), got.meta.get("e_tag")))
+
     def _read_bytes(self, key: str) -> bytes:
         return bytes(self._call(obstore.get, key).bytes())
 

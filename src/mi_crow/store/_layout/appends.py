@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Dict
 
@@ -56,9 +57,14 @@ class Appends(RunBatches):
             n = self._append_next.get(run_key)
         if n is None:
             n = self._next_entry_number(det)
-        while not self._write_new(f"{det}/{ENTRIES_DIR}/{n:0{ENTRY_DIGITS}d}.safetensors", payload):
-            # Another writer took n: look again rather than step by one, in case many did.
-            n = max(n + 1, self._next_entry_number(det))
+        lost = 0
+        while not self._write_new(f"{det}/{_keys.entry_file(n)}", payload):
+            # Another writer took n: look again rather than step by one, in case many did, and
+            # spread out the writers that lost together over a few numbers (more after each loss),
+            # so they do not all race for the same next one. Numbers may then have gaps: entries
+            # are read in number order, and each writer's numbers still grow with its calls.
+            lost += 1
+            n = max(n + 1, self._next_entry_number(det, taken=n)) + random.randrange(min(4 << (lost - 1), 256))
         with self._append_lock:
             self._append_next[run_key] = max(n + 1, self._append_next.get(run_key, 0))
         return det
@@ -70,9 +76,20 @@ class Appends(RunBatches):
         ]
         return [name for _, name in sorted(numbered)]
 
-    def _next_entry_number(self, det: str) -> int:
-        taken = [n for name, _ in self._list(f"{det}/{ENTRIES_DIR}") if (n := _keys.entry_number(name)) is not None]
-        return max(max(taken, default=-1) + 1, len(self._legacy_run_entries(det)))
+    def _next_entry_number(self, det: str, taken: int | None = None) -> int:
+        """The number after the log's last entry (and after mi_crow 1.0's entries of the run).
+
+        ``taken``: an entry known to exist. Where listings can start after a key (object storage,
+        where listing a long log costs a request per 1,000 entries), only the entries after it are
+        listed: entry names sort by number while they have 12 digits.
+        """
+        entries = f"{det}/{ENTRIES_DIR}"
+        if taken is not None and self.capabilities.listing_is_recursive and taken < 10**ENTRY_DIGITS - 1:
+            after = _keys.entry_file(taken).removeprefix(ENTRIES_DIR + "/")
+            names = [info.key for info in self._list_tree(entries, after=after)]
+            return max([taken, *(n for name in names if (n := _keys.entry_number(name)) is not None)]) + 1
+        numbers = [n for name, _ in self._list(entries) if (n := _keys.entry_number(name)) is not None]
+        return max(max(numbers, default=-1) + 1, len(self._legacy_run_entries(det)))
 
     def _legacy_run_entries(self, det: str) -> list[Any]:
         """The ``batches`` list of mi_crow 1.0's ``detectors/metadata.json`` (``[]`` if none)."""
@@ -124,7 +141,7 @@ class Appends(RunBatches):
         for name in self._entry_names(det):
             key = f"{det}/{ENTRIES_DIR}/{name}"
             where = self._where(key)
-            with self._open(key) as f:
+            with self._open_whole(key) as f:
                 header = tf.read_header(f, where)
                 if self.verify_reads:
                     header.check_header()  # also for an entry without tensors

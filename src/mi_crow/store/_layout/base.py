@@ -125,6 +125,11 @@ class LayoutBase(Store):
         """Open ``key`` for reading (seek/read/readinto; ``seek(0, 2)`` gives its size), one
         version of it throughout. Raises ``FileNotFoundError``."""
 
+    def _open_whole(self, key: str) -> ContextManager[BinaryIO]:
+        """:meth:`_open` for a file that will be read to its end: a backend that gains by it
+        (object storage: one GET instead of a ranged one per part) fetches all of it at once."""
+        return self._open(key)
+
     def _read_many(self, keys: Sequence[str]) -> dict[str, bytes | memoryview]:
         """The whole contents of ``keys``, fetched at once where the backend gains by it (object
         storage: concurrent GETs); missing keys are left out. ``{}``: read each when opened."""
@@ -296,12 +301,13 @@ class LayoutBase(Store):
 
         return self._read_file(key, read)
 
-    def _read_file(self, key: str, read: Callable[[BinaryIO], T]) -> T:
+    def _read_file(self, key: str, read: Callable[[BinaryIO], T], *, whole: bool = False) -> T:
         """``read`` the file ``key`` (one version of it): read again from the start if the backend
-        saw it replaced in the middle (object storage: a concurrent overwrite between two GETs)."""
+        saw it replaced in the middle (object storage: a concurrent overwrite between two GETs).
+        ``whole``: ``read`` reads all of it (:meth:`_open_whole`)."""
         for attempt in range(_READ_RETRIES):
             try:
-                with self._open(key) as f:
+                with self._open_whole(key) if whole else self._open(key) as f:
                     return read(f)
             except ObjectReplaced:
                 if attempt + 1 == _READ_RETRIES:
@@ -416,9 +422,11 @@ class LayoutBase(Store):
         """
         check_relpath(key, "key")
         where = self._where(key)
-        with self._open(key) as f:
-            header = tf.read_header(f, where)
-            return self._tensor(f, header, TENSOR_NAME, where)
+
+        def read(f: BinaryIO) -> torch.Tensor:
+            return self._tensor(f, tf.read_header(f, where), TENSOR_NAME, where)
+
+        return self._read_file(key, read, whole=True)
 
 
 def _json_type(value: Any) -> str:

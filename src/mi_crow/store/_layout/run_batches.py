@@ -68,7 +68,7 @@ class RunBatches(Batches):
         key = self._run_batch_file(run_id, batch_index)
         where = self._where(key)
         try:
-            loaded, meta = self._read_file(key, lambda f: self._tensors(f, where))
+            loaded, meta = self._read_file(key, lambda f: self._tensors(f, where), whole=True)
         except FileNotFoundError:
             return self._run_batch_from_detector_layout(run_id, batch_index)
         kind = meta.get(KIND_FIELD)
