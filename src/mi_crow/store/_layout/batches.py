@@ -103,16 +103,15 @@ class Batches(Runs):
             out: TensorMetadata = {}
             batch_where = self._where(key)
             meta_where = self._where(f"{key}/{METADATA_FILE}")
-            d.prefetch([_keys.tensor_file(layer, k) for layer, keys in names.items() for k in keys])
-            for layer, keys in names.items():
-                if not keys:
-                    continue
-                tensors = out[layer] = {}
-                for tkey in keys:
-                    rel = _keys.tensor_file(layer, tkey)
-                    tensors[tkey] = self._read_listed(
-                        d, rel, f"{batch_where}/{rel}", meta_bytes if self.verify_reads else None, meta_where
-                    )
+            files = [(layer, tkey, _keys.tensor_file(layer, tkey)) for layer, keys in names.items() for tkey in keys]
+            if not self.capabilities.atomic_directories:
+                d.prefetch([rel for _, _, rel in files])  # object storage: every file at once
+            verify_with = meta_bytes if self.verify_reads else None
+            for layer, tkey, rel in files:
+                tensors = out.get(layer)
+                if tensors is None:
+                    tensors = out[layer] = {}
+                tensors[tkey] = self._read_listed(d, rel, f"{batch_where}/{rel}", verify_with, meta_where)
             return metadata, out
 
         not_found: tuple[Dict[str, Any], TensorMetadata] = ({}, {})
@@ -144,7 +143,10 @@ class Batches(Runs):
         try:
             prefix, rest = d.read_head(rel, tf.PREFETCH)
             try:
-                header = self._parse_head(prefix, rest, where)
+                if rest is None:  # a memoryview is the whole file, held by this read alone: tensors borrow it
+                    header = tf.parse_header(prefix, len(prefix), None, where, borrow=isinstance(prefix, memoryview))
+                else:
+                    header = tf.parse_header(prefix, rest.seek(0, 2), rest, where)
                 if meta_bytes is not None:
                     self._check_metadata_crc(header, meta_bytes, meta_where)
                 return self._tensor(rest, header, TENSOR_NAME, where)
