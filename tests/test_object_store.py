@@ -17,7 +17,7 @@ import obstore
 import pytest
 import torch
 
-from mi_crow.store import LocalStore, _multipart, open_store
+from mi_crow.store import InvalidJSONError, LocalStore, _multipart, open_store
 from mi_crow.store.object_store import ObjectStore, ObjectStoreError
 from mi_crow.store.testing import StoreTests
 from mi_crow.store.testing.seaweedfs import SeaweedFS
@@ -435,3 +435,139 @@ def test_gc_aborts_uploads_a_killed_writer_left(seaweedfs: SeaweedFS, s3_url: st
     assert list(signer.uploads(f"{prefix}/")) == []
     assert [u.key for u in signer.uploads("elsewhere/")] == ["elsewhere/big.bin"]  # outside the prefix: untouched
     assert store.list_run_batches("r") == [0]
+
+
+# ---------------------------------------------------------------------- found in review
+
+
+def test_delete_run_racing_a_writer_leaves_the_batch_whole_or_absent(seaweedfs: SeaweedFS, s3_url: str) -> None:
+    deleter = make_store(seaweedfs, s3_url)
+    writer = make_store(seaweedfs, s3_url)
+    deleter.put_detector_metadata("r", 0, {"v": 1}, {"l": {"k": torch.full((4,), 1.0)}})
+    # The writer uploads a new generation's tensor files, and its commit lands only after the
+    # deleter listed the run (so it deleted those files) and deleted what it listed.
+    held: dict[str, Any] = {}
+    real_write = writer._write
+
+    def hold_commit(key: str, payload: Any) -> None:
+        if key.endswith("/metadata.json"):
+            held["commit"] = (key, bytes(b"".join(memoryview(b).cast("B") for b in payload.buffers())))
+        else:
+            real_write(key, payload)
+
+    writer._write = hold_commit  # type: ignore[method-assign]
+    writer.put_detector_metadata("r", 0, {"v": 2}, {"l": {"k": torch.full((4,), 2.0)}})
+    calls = []
+    real_delete_keys = deleter._delete_keys
+
+    def delete_then_commit(key: str, keys: Any) -> None:
+        real_delete_keys(key, keys)
+        calls.append(len(keys))
+        if len(calls) == 2:  # the tensor files are gone: now the writer's commit arrives
+            commit_key, data = held["commit"]
+            obstore.put(deleter._client, deleter._full(commit_key), data)
+
+    deleter._delete_keys = delete_then_commit  # type: ignore[method-assign]
+    deleter.delete_run("r")
+    assert deleter.list_run_batches("r") == []  # the commit that named deleted files went too
+    assert deleter.get_detector_metadata("r", 0) == ({}, {})
+    assert deleter.check() == []
+
+
+def test_gc_leaves_the_files_of_a_damaged_commit(seaweedfs: SeaweedFS, s3_url: str) -> None:
+    store = make_store(seaweedfs, s3_url)
+    store.put_detector_metadata("r", 0, {"v": 1}, {"l": {"k": torch.ones(4)}})
+    store.put_model("m", {"w": torch.ones(2)})
+    bucket, _, prefix = s3_url.removeprefix("s3://").partition("/")
+    client = seaweedfs.client(bucket)
+    for commit in ("runs/r/batch_0/metadata.json", "models/m/metadata.json"):
+        raw = bytes(obstore.get(client, f"{prefix}/{commit}").bytes())
+        obstore.put(client, f"{prefix}/{commit}", raw[: len(raw) // 2])  # truncated
+    assert store.gc(grace_seconds=0).removed == []
+    problems = {p.path for p in store.check()}
+    assert f"{s3_url}/runs/r/batch_0/metadata.json" in problems and f"{s3_url}/models/m/metadata.json" in problems
+
+
+def test_a_forked_child_gets_an_error_also_on_parallel_writes(seaweedfs: SeaweedFS, s3_url: str) -> None:
+    store = make_store(seaweedfs, s3_url, max_concurrency=2)
+    tensors = {f"l{j}": {"k": torch.ones(2)} for j in range(6)}
+    store.put_detector_metadata("r", 0, {}, tensors)  # the thread pool has been used
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            store.put_detector_metadata("r", 1, {}, tensors)
+            os.write(w, b"no error")
+        except ObjectStoreError as e:
+            os.write(w, str(e).encode()[:2000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    assert "forked" in message, message
+
+
+def test_files_named_like_batch_do_not_hide_the_batches(seaweedfs: SeaweedFS, s3_url: str) -> None:
+    store = make_store(seaweedfs, s3_url)
+    store.put_detector_metadata("r", 0, {}, {"l": {"k": torch.ones(1)}})
+    store.put_run_batch("r", 1, [torch.ones(1)])
+    for name in ("batch-notes.safetensors", "batch.json", "batch0", "batchX", "batch/inner"):
+        store.put_tensor(f"runs/r/{name}", torch.zeros(1))
+    assert store.list_run_batches("r") == [0, 1]
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_appends_from_two_store_objects_read_back_in_call_order(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "local":
+        first, second = LocalStore(tmp_path / "s"), LocalStore(tmp_path / "s")
+    else:
+        url = request.getfixturevalue("s3_url")
+        server = request.getfixturevalue("seaweedfs")
+        first, second = make_store(server, url), make_store(server, url)
+    order = []
+    for n, store in enumerate([first, second, second, first, first, second, first]):
+        store.put_run_detector_metadata("r", {"call": n}, {})
+        order.append(n)
+    assert [m["call"] for m, _ in first.iter_run_detector_metadata("r")] == order
+
+
+def test_metadata_json_over_the_limit_is_refused_unread(
+    seaweedfs: SeaweedFS, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(seaweedfs, s3_url)
+    store.put_detector_metadata("r", 0, {"pad": "x" * 200_000}, {"l": {"k": torch.ones(1)}})
+    monkeypatch.setattr("mi_crow.store._layout.base.MAX_JSON_BYTES", 100_000)
+    counter = _CountingGet()
+    monkeypatch.setattr("mi_crow.store.object_store.obstore.get", counter)
+    with pytest.raises(InvalidJSONError, match="at most 100,000 are read"):
+        store.get_detector_metadata("r", 0)
+    assert counter.received <= 64 * 1024  # the first ranged GET told the size; the rest was never asked for
+    assert store.gc(grace_seconds=0).removed == []  # an unreadable commit: gc leaves its files
+
+
+def test_a_bucket_downloaded_as_is_reads_as_a_local_store(tmp_path: Path, seaweedfs: SeaweedFS, s3_url: str) -> None:
+    store = make_store(seaweedfs, s3_url)
+    t = torch.arange(6.0)
+    store.put_detector_metadata("r", 0, {"v": 1}, {"l": {"k": t}})
+    store.put_detector_metadata("r", 0, {"v": 2}, {"l": {"k": t + 1}})  # two generations, one committed
+    store.put_model("m", {"w": t}, {"d": 1})
+    bucket, _, prefix = s3_url.removeprefix("s3://").partition("/")
+    client = seaweedfs.client(bucket)
+    root = tmp_path / "downloaded"
+    for chunk in obstore.list(client, prefix):  # as `aws s3 cp --recursive s3://... ./downloaded` does
+        for o in chunk:
+            path = root / o["path"].removeprefix(prefix + "/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(bytes(obstore.get(client, o["path"]).bytes()))
+    local = LocalStore(root, verify=True)
+    meta, tensors = local.get_detector_metadata("r", 0)
+    assert meta == {"v": 2}
+    assert_same(tensors["l"]["k"], t + 1)
+    assert_same(local.get_detector_metadata_by_layer_by_key("r", 0, "l", "k"), t + 1)
+    assert_same(local.get_model("m")[0]["w"], t)
+    assert local.check() == []

@@ -22,12 +22,13 @@ from mi_crow.store.store import Store, TensorMetadata
 from mi_crow.store.store_dataloader import StoreDataloader
 
 if TYPE_CHECKING:
-    from mi_crow.store.object_store import ObjectStore, ObjectStoreError
+    from mi_crow.store.object_store import ObjectStore as ObjectStore
+    from mi_crow.store.object_store import ObjectStoreError as ObjectStoreError
 
 
 def __getattr__(name: str) -> Any:
     # ObjectStore needs obstore (the s3 extra): imported when first asked for, so the core
-    # install imports nothing of it.
+    # install imports nothing of it. It is left out of __all__ so that `import *` works without it.
     if name in ("ObjectStore", "ObjectStoreError"):
         from mi_crow.store import object_store
 
@@ -52,8 +53,6 @@ __all__ = [
     "LayoutStore",
     "LocalStore",
     "MemoryStore",
-    "ObjectStore",
-    "ObjectStoreError",
     "Problem",
     "Store",
     "StoreDataloader",

@@ -26,7 +26,7 @@ their types.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 
@@ -63,10 +63,12 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class GcReport:
-    """What ``gc`` removed: leftover paths (or object URLs) and the bytes they held."""
+    """What ``gc`` removed: leftover paths (or object URLs) and the bytes they held, and notes on
+    what it could not do (an object store whose incomplete uploads it could not list)."""
 
     removed: list[str]
     bytes_freed: int
+    notes: list[str] = field(default_factory=list)
 
 
 class ObjectReplaced(OSError):

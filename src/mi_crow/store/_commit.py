@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, BinaryIO, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, ContextManager, Protocol
 
-from mi_crow.store import _keys
+from mi_crow.store import _json, _keys
 from mi_crow.store._tensor_file import Payload
 from mi_crow.store.errors import CorruptMetadataError
 
@@ -101,9 +100,8 @@ class CommitObject:
         return _keys.new_generation()
 
     def commit(self, key: str, files: Mapping[str, Payload], generation: str | None) -> None:
-        data = {
-            f"{key}/{_keys.in_generation(rel, generation)}": p for rel, p in files.items() if rel != _keys.METADATA_FILE
-        }
+        """``files`` are named as the layout code resolves them (under ``.g{generation}/``)."""
+        data = {f"{key}/{rel}": p for rel, p in files.items() if rel != _keys.METADATA_FILE}
         self._store._write_many(data)
         self._store._write(f"{key}/{_keys.METADATA_FILE}", files[_keys.METADATA_FILE])
 
@@ -116,20 +114,13 @@ class CommitObject:
             reader.close()
 
 
-def read_generation(raw: bytes, where: str) -> str | None:
-    """The generation a commit object names, ``None`` if it names none (or is not JSON: the layout
-    code reports that with the file's own error).
+def generation_of(doc: dict[str, Any], where: str) -> str | None:
+    """The generation an entry's parsed ``metadata.json`` names (``None``: mi_crow's own paths).
 
     Raises:
         CorruptMetadataError: If the field is there but is not a generation id.
     """
-    if _keys.GENERATION_FIELD.encode() not in raw:
-        return None
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return None
-    gen = doc.get(_keys.GENERATION_FIELD) if isinstance(doc, dict) else None
+    gen = doc.get(_keys.GENERATION_FIELD)
     if gen is None:
         return None
     if not isinstance(gen, str) or _keys.generation_of(f".g{gen}") is None:
@@ -137,25 +128,39 @@ def read_generation(raw: bytes, where: str) -> str | None:
     return gen
 
 
+def read_generation(raw: bytes, where: str) -> str | None:
+    """:func:`generation_of` for a commit object's bytes.
+
+    Raises:
+        CorruptMetadataError: If the bytes are not a JSON object (then which files the entry
+            names cannot be known: ``gc`` must leave them all), or the field is not a generation id.
+    """
+    try:
+        doc = _json.loads(raw, where)
+    except ValueError as e:
+        raise CorruptMetadataError(where, f"not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CorruptMetadataError(where, "must hold a JSON object")
+    return generation_of(doc, where)
+
+
 class _CommitReader:
-    """An entry read through its commit object (see :class:`CommitObject`)."""
+    """An entry read through its commit object (see :class:`CommitObject`). The layout code
+    resolves the files' names through the generation the commit names; this reader only keeps
+    the commit it read, so that ``moved()`` can tell whether another one replaced it."""
 
     def __init__(self, store: LayoutBase, key: str):
         self._store = store
         self._key = key
         self._commit_key = f"{key}/{_keys.METADATA_FILE}"
-        self._raw = store._read_bytes(self._commit_key)  # FileNotFoundError: not committed
-        self.generation = read_generation(self._raw, store._where(self._commit_key))
+        self._raw = store._read_json_file(self._commit_key)  # FileNotFoundError: not committed
         self._fetched: dict[str, bytes | memoryview] = {}
         self._files = contextlib.ExitStack()
-
-    def _file_key(self, rel: str) -> str:
-        return f"{self._key}/{_keys.in_generation(rel, self.generation)}"
 
     def open(self, rel: str) -> BinaryIO:
         if rel == _keys.METADATA_FILE:
             return io.BytesIO(self._raw)
-        key = self._file_key(rel)
+        key = f"{self._key}/{rel}"
         data = self._fetched.pop(key, None)
         if data is not None:
             return self._store._reader_of(key, data)
@@ -165,6 +170,7 @@ class _CommitReader:
         f = self.open(rel)
         whole = getattr(f, "whole", None)
         if isinstance(whole, memoryview):
+            f.close()  # the view stays valid: it is the buffer itself, not the file
             return whole, None
         head = f.read(n)
         if len(head) < n:
@@ -173,20 +179,16 @@ class _CommitReader:
         return head, f
 
     def list(self, rel: str) -> list[tuple[str, bool]]:
-        base = f"{self._key}/{_keys.generation_dir(self.generation)}" if self.generation else self._key
-        listed = self._store._list(f"{base}/{rel}" if rel else base)
-        if rel == "" and self.generation is None:
-            return [(name, is_dir) for name, is_dir in listed if _keys.generation_of(name) is None]
-        return listed
+        return self._store._list(f"{self._key}/{rel}" if rel else self._key)
 
     def moved(self) -> bool:
         try:
-            return self._store._read_bytes(self._commit_key) != self._raw
+            return self._store._read_json_file(self._commit_key) != self._raw
         except FileNotFoundError:
             return True
 
     def prefetch(self, rels: Sequence[str]) -> None:
-        keys = [self._file_key(rel) for rel in rels if rel != _keys.METADATA_FILE]
+        keys = [f"{self._key}/{rel}" for rel in rels if rel != _keys.METADATA_FILE]
         self._fetched.update(self._store._read_many(keys))
 
     def close(self) -> None:

@@ -135,14 +135,11 @@ class Signer:
                     u.findtext(f"{_NS}UploadId") or "",
                     _time(u.findtext(f"{_NS}Initiated")),
                 )
-            if root.findtext(f"{_NS}IsTruncated") != "true":
-                return
-            query = {
-                "uploads": "",
-                "prefix": prefix,
-                "key-marker": root.findtext(f"{_NS}NextKeyMarker") or "",
-                "upload-id-marker": root.findtext(f"{_NS}NextUploadIdMarker") or "",
-            }
+            next_key = root.findtext(f"{_NS}NextKeyMarker") or ""
+            next_id = root.findtext(f"{_NS}NextUploadIdMarker") or ""
+            if root.findtext(f"{_NS}IsTruncated") != "true" or not (next_key or next_id):
+                return  # the last page (or a server that says more but gives no marker to go on)
+            query = {"uploads": "", "prefix": prefix, "key-marker": next_key, "upload-id-marker": next_id}
 
     def abort(self, upload: Upload) -> bool:
         """Abort ``upload``; False if it was gone already (completed or aborted meanwhile)."""

@@ -661,6 +661,8 @@ def gc(path: Path | str, grace_seconds: float | None, runs_prefix: str, model_pr
         report = collect(grace_seconds=GC_GRACE_DEFAULT if grace_seconds is None else grace_seconds)
     for removed in report.removed:
         click.echo(f"removed {removed}")
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"{len(report.removed)} leftover(s) removed, {_fmt_bytes(report.bytes_freed)} freed")
 
 

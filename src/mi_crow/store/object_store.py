@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, ContextManager, cast
 
 from mi_crow.store import _keys, _multipart
 from mi_crow.store._backend import Capabilities, GcReport, ObjectInfo, ObjectReplaced
@@ -105,6 +106,12 @@ class _ObjectFile(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        # Let go of the bytes (tensors that borrow them keep them alive on their own).
+        self._head = memoryview(b"")
+        self.whole = None
+        super().close()
 
     def seekable(self) -> bool:
         return True
@@ -283,15 +290,18 @@ class ObjectStore(LayoutStore):
 
     # ------------------------------------------------------------------ client
 
-    @property
-    def _client(self) -> S3Store:
-        global _used_in_pid
+    def _refuse_after_fork(self) -> None:
         if _forked_after_use:
             raise ObjectStoreError(
                 f"{self.url}: obstore cannot be used in a process forked from one that used it (it hangs); "
                 "start worker processes with the 'spawn' or 'forkserver' method "
                 "(DataLoader(..., multiprocessing_context='spawn'))"
             )
+
+    @property
+    def _client(self) -> S3Store:
+        global _used_in_pid
+        self._refuse_after_fork()
         with self._lock:
             if self._client_obj is None:
                 kwargs: dict[str, Any] = dict(self._config)
@@ -305,6 +315,8 @@ class ObjectStore(LayoutStore):
 
     @property
     def _pool(self) -> ThreadPoolExecutor:
+        # A pool inherited through fork has no threads in the child: refuse before queueing on it.
+        self._refuse_after_fork()
         with self._lock:
             if self._pool_obj is None:
                 self._pool_obj = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="mi-crow-store-s3")
@@ -417,9 +429,10 @@ class ObjectStore(LayoutStore):
 
     # ------------------------------------------------------------------ reads
 
-    @contextlib.contextmanager
-    def _open(self, key: str) -> Iterator[BinaryIO]:
-        yield cast(BinaryIO, self._open_object(key))
+    def _open(self, key: str) -> ContextManager[BinaryIO]:
+        # The file object itself is the context manager: closing it lets go of its buffers (a
+        # generator-based one would hold them until the caller's whole block ends).
+        return cast(ContextManager[BinaryIO], self._open_object(key))
 
     def _open_object(self, key: str) -> _ObjectFile:
         try:
@@ -432,11 +445,10 @@ class ObjectStore(LayoutStore):
         meta = got.meta
         return _ObjectFile(self, key, head, int(meta["size"]), meta.get("e_tag"))
 
-    @contextlib.contextmanager
-    def _open_whole(self, key: str) -> Iterator[BinaryIO]:
+    def _open_whole(self, key: str) -> ContextManager[BinaryIO]:
         got = self._call(obstore.get, key)
         data = memoryview(got.bytes())
-        yield cast(BinaryIO, _ObjectFile(self, key, data, len(data), got.meta.get("e_tag")))
+        return cast(ContextManager[BinaryIO], _ObjectFile(self, key, data, len(data), got.meta.get("e_tag")))
 
     def _read_bytes(self, key: str) -> bytes:
         return bytes(self._call(obstore.get, key).bytes())
@@ -509,19 +521,37 @@ class ObjectStore(LayoutStore):
 
     def _delete(self, key: str) -> None:
         keys = [key] + [_keys.join(key, info.key) for info in self._list_tree(key)]
-        # Commit objects first: a reader then finds the entry absent, never half of it.
+        # Commit objects first: a reader then finds each entry absent, never half of it.
         commits = {_keys.METADATA_FILE, _keys.RUN_METADATA_FILE}
-        first = [k for k in keys if k.rsplit("/", 1)[-1] in commits]
-        rest = [k for k in keys if k.rsplit("/", 1)[-1] not in commits]
-        for group in (first, rest):
-            for i in range(0, len(group), 1000):
-                chunk = [self._full(k) for k in group[i : i + 1000]]
-                try:
-                    obstore.delete(self._client, chunk)
-                except FileNotFoundError:
-                    pass
-                except obstore.exceptions.BaseError as e:
-                    raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+        self._delete_keys(key, [k for k in keys if k.rsplit("/", 1)[-1] in commits])
+        self._delete_keys(key, [k for k in keys if k.rsplit("/", 1)[-1] not in commits])
+        # A writer that uploaded its tensor files before the listing above may have committed
+        # since: its commit names files just deleted. Delete such commits too (the delete then
+        # comes after that write); an entry written wholly after the listing stays, complete.
+        deleted = {k.rsplit("/", 1)[0] + "/" for k in keys if _in_generation_folder(k)}
+        for info in self._list_tree(key):
+            k = _keys.join(key, info.key)
+            if k.rsplit("/", 1)[-1] != _keys.METADATA_FILE:
+                continue
+            try:
+                gen = read_generation(self._read_json_file(k), self._where(k))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError):
+                gen = None
+            folder = f"{k.rsplit('/', 1)[0]}/{_keys.generation_dir(gen)}/" if gen else None
+            if folder is not None and any(d.startswith(folder) for d in deleted):
+                self._delete_keys(key, [k])
+
+    def _delete_keys(self, key: str, keys: Sequence[str]) -> None:
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
+            chunk = [self._full(k) for k in keys[i : i + 1000]]
+            try:
+                obstore.delete(self._client, chunk)
+            except FileNotFoundError:
+                pass
+            except obstore.exceptions.BaseError as e:
+                raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
 
     # ------------------------------------------------------------------ mi_crow's local paths
 
@@ -556,9 +586,15 @@ class ObjectStore(LayoutStore):
         Returns:
             A :class:`GcReport` with the removed objects' URLs and their bytes.
         """
-        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
-            raise ValueError(f"grace_seconds must be a number >= 0, got {grace_seconds!r}")
+        if (
+            isinstance(grace_seconds, bool)
+            or not isinstance(grace_seconds, (int, float))
+            or not math.isfinite(grace_seconds)
+            or not 0 <= grace_seconds <= 10 * 365 * 86400
+        ):
+            raise ValueError(f"grace_seconds must be a number of seconds from 0 to ten years, got {grace_seconds!r}")
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=grace_seconds)
+        notes: list[str] = []
         removed: list[str] = []
         freed = 0
         for entries in (
@@ -567,8 +603,8 @@ class ObjectStore(LayoutStore):
         ):
             for folder, objects in entries:
                 for info in self._garbage(folder, objects):
-                    if info.modified is not None and info.modified > cutoff:
-                        continue
+                    if info.modified is None or info.modified > cutoff:
+                        continue  # too young (or of unknown age): may be a write in progress
                     key = _keys.join(folder, info.key)
                     try:
                         obstore.delete(self._client, self._full(key))
@@ -576,15 +612,30 @@ class ObjectStore(LayoutStore):
                         continue
                     removed.append(self._where(key))
                     freed += info.size
-        # Multipart uploads a killed writer never completed (invisible to listings, still stored).
+        # Multipart uploads a killed writer never completed (invisible to listings, still stored),
+        # under the runs and models folders only: nothing else under the prefix is the store's.
         signer = _multipart.Signer.from_settings(self.bucket, self._config, self._client_options)
-        if signer is not None:
-            for upload in signer.uploads(self._full("") + "/" if self.prefix else ""):
-                if upload.initiated is None or upload.initiated > cutoff:
-                    continue
-                if signer.abort(upload):
-                    removed.append(f"s3://{self.bucket}/{upload.key} (incomplete upload {upload.upload_id})")
-        return GcReport(sorted(removed), freed)
+        if signer is None:
+            notes.append("incomplete multipart uploads not checked: no credentials given as options or AWS_* variables")
+        else:
+            roots = {self._full(p) + "/" if self._full(p) else "" for p in (self.runs_prefix, self.model_prefix)}
+            try:
+                for root in sorted(roots):
+                    for upload in signer.uploads(root):
+                        if upload.initiated is None or upload.initiated > cutoff:
+                            continue
+                        if root == "" and upload.key.split("/", 1)[0] in self._foreign_top_names():
+                            continue
+                        if signer.abort(upload):
+                            removed.append(f"s3://{self.bucket}/{upload.key} (incomplete upload {upload.upload_id})")
+            except OSError as e:
+                notes.append(f"incomplete multipart uploads not checked: {e}")
+        return GcReport(sorted(removed), freed, notes)
+
+    def _foreign_top_names(self) -> set[str]:
+        """With both prefixes empty, the top-level names under the root that are not entries of the
+        store (the dataset folder, the probe folder)."""
+        return {self.dataset_prefix.split("/")[0], _PROBE_DIR} - {""}
 
     def _entry_folders(self, prefix: str, depth: int) -> Iterator[tuple[str, list[ObjectInfo]]]:
         """``(folder, objects in it)`` for every batch folder (``depth=2``: run/batch_i) or model
@@ -612,13 +663,13 @@ class ObjectStore(LayoutStore):
         generation: str | None = None
         committed = _keys.METADATA_FILE in names
         if committed:
+            commit = f"{folder}/{_keys.METADATA_FILE}"
             try:
-                raw = self._read_bytes(f"{folder}/{_keys.METADATA_FILE}")
-                generation = read_generation(raw, self._where(f"{folder}/{_keys.METADATA_FILE}"))
+                generation = read_generation(self._read_json_file(commit), self._where(commit))
             except FileNotFoundError:
                 committed = False  # deleted meanwhile
-            except (OSError, ValueError):
-                return []  # a damaged commit: leave everything for check() to report
+            except (OSError, ValueError, RecursionError):
+                return []  # a damaged commit: which files it names is unknown; check() reports it
         current = _keys.generation_dir(generation) if generation else None
         out = []
         for o in objects:
@@ -629,6 +680,10 @@ class ObjectStore(LayoutStore):
             elif current is not None and o.key != _keys.METADATA_FILE and o.key.endswith(_keys.SUFFIX):
                 out.append(o)  # a tensor file at mi_crow's path, replaced by a generation
         return out
+
+
+def _in_generation_folder(key: str) -> bool:
+    return any(_keys.generation_of(part) is not None for part in key.split("/"))
 
 
 def _start_after(after: str) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Dict
 
@@ -57,14 +56,11 @@ class Appends(RunBatches):
             n = self._append_next.get(run_key)
         if n is None:
             n = self._next_entry_number(det)
-        lost = 0
         while not self._write_new(f"{det}/{_keys.entry_file(n)}", payload):
-            # Another writer took n: look again rather than step by one, in case many did, and
-            # spread out the writers that lost together over a few numbers (more after each loss),
-            # so they do not all race for the same next one. Numbers may then have gaps: entries
-            # are read in number order, and each writer's numbers still grow with its calls.
-            lost += 1
-            n = max(n + 1, self._next_entry_number(det, taken=n)) + random.randrange(min(4 << (lost - 1), 256))
+            # Another writer took n: look again rather than step by one, in case many did. Numbers
+            # stay dense (every number below the last is taken), so a number that is free is past
+            # every committed entry: the log's order is the order in which appends were made.
+            n = max(n + 1, self._next_entry_number(det, taken=n))
         with self._append_lock:
             self._append_next[run_key] = max(n + 1, self._append_next.get(run_key, 0))
         return det

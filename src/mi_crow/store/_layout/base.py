@@ -233,6 +233,12 @@ class LayoutBase(Store):
         except FileNotFoundError:
             return False
 
+    def _read_json_file(self, key: str) -> bytes:
+        """The bytes of the JSON file ``key``, refused with ``InvalidJSONError`` before they are
+        read if over ``MAX_JSON_BYTES``."""
+        where = self._where(key)
+        return self._read_file(key, lambda f: self._read_json_bytes(f, where))
+
     def _read_bytes(self, key: str) -> bytes:
         with self._open(key) as f:
             return f.read()
@@ -290,8 +296,7 @@ class LayoutBase(Store):
         """Parse the JSON file ``key``; ``FileNotFoundError`` if it is missing, ``InvalidJSONError``
         if it is larger than ``MAX_JSON_BYTES`` (checked before reading) or not valid JSON."""
         where = self._where(key)
-        with self._open(key) as f:
-            return _json.loads(self._read_json_bytes(f, where), where)
+        return _json.loads(self._read_json_file(key), where)
 
     def _read_json_object(self, key: str) -> dict[str, Any]:
         """:meth:`_read_json` for a file that must hold a JSON object (``CorruptMetadataError`` otherwise)."""

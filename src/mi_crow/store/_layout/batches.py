@@ -8,7 +8,7 @@ import torch
 
 from mi_crow.store import _keys
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._commit import DirReader
+from mi_crow.store._commit import DirReader, generation_of
 from mi_crow.store._keys import (
     GENERATION_FIELD,
     METADATA_CRC_FIELD,
@@ -35,8 +35,10 @@ class Batches(Runs):
     ) -> str:
         """Save a batch as ``runs/{run_id}/batch_{i}/`` (mi_crow 1.0's layout), atomically.
 
-        The whole batch directory is built aside and swapped in at once: a reader sees the
-        previous version or the new one, never a mix, and a failed call changes nothing.
+        The batch is committed at once: on local disk its whole directory is built aside and
+        swapped in; on object storage its tensor files go to a new generation folder and its
+        metadata.json, written last, commits it. A reader sees the previous version or the new
+        one, never a mix, and a failed call changes nothing readers see.
 
         Raises:
             ValueError: If a name, the index, a tensor or the metadata is invalid; nothing is
@@ -61,7 +63,8 @@ class Batches(Runs):
         files: dict[str, Payload] = {}
         for layer, tensors in prepared.items():
             for tkey, t in tensors.items():
-                files[_keys.tensor_file(layer, tkey)] = self._encode({TENSOR_NAME: t}, meta_crc)
+                rel = _keys.in_generation(_keys.tensor_file(layer, tkey), generation)
+                files[rel] = self._encode({TENSOR_NAME: t}, meta_crc)
         files[METADATA_FILE] = Payload(meta_bytes)  # last: the file that makes the batch readable
         self._commit.commit(key, files, generation)
         return key
@@ -95,7 +98,7 @@ class Batches(Runs):
 
         def read(d: DirReader) -> tuple[Dict[str, Any], TensorMetadata]:
             try:
-                metadata, names, meta_bytes = self._read_batch_metadata(d, key)
+                metadata, names, meta_bytes, gen = self._read_batch_metadata(d, key)
             except FileNotFoundError:
                 if d.moved():
                     raise
@@ -103,7 +106,11 @@ class Batches(Runs):
             out: TensorMetadata = {}
             batch_where = self._where(key)
             meta_where = self._where(f"{key}/{METADATA_FILE}")
-            files = [(layer, tkey, _keys.tensor_file(layer, tkey)) for layer, keys in names.items() for tkey in keys]
+            files = [
+                (layer, tkey, _keys.in_generation(_keys.tensor_file(layer, tkey), gen))
+                for layer, keys in names.items()
+                for tkey in keys
+            ]
             if not self.capabilities.atomic_directories:
                 d.prefetch([rel for _, _, rel in files])  # object storage: every file at once
             verify_with = meta_bytes if self.verify_reads else None
@@ -117,12 +124,16 @@ class Batches(Runs):
         not_found: tuple[Dict[str, Any], TensorMetadata] = ({}, {})
         return self._consistent_read(key, read, not_found)
 
-    def _read_batch_metadata(self, d: DirReader, key: str) -> tuple[dict[str, Any], dict[str, list[str]], bytes]:
-        """A batch's metadata.json: the caller's metadata, the validated tensor names, the raw bytes.
+    def _read_batch_metadata(
+        self, d: DirReader, key: str
+    ) -> tuple[dict[str, Any], dict[str, list[str]], bytes, str | None]:
+        """A batch's metadata.json: the caller's metadata, the validated tensor names, the raw bytes,
+        and the generation folder its tensor files are in (``None``: mi_crow's paths).
 
         Raises:
             FileNotFoundError: If the batch has no metadata.json.
-            CorruptMetadataError: If it is not an object with a valid ``_tensor_metadata_names``.
+            CorruptMetadataError: If it is not an object with a valid ``_tensor_metadata_names``
+                (and a valid generation, when it names one).
         """
         where = self._where(f"{key}/{METADATA_FILE}")
         with d.open(METADATA_FILE) as f:
@@ -132,8 +143,9 @@ class Batches(Runs):
                 where, f"field {TENSOR_NAMES_FIELD!r} not found in detector metadata; cannot retrieve tensors"
             )
         names = self._read_names_field(metadata.pop(TENSOR_NAMES_FIELD), where)
+        gen = generation_of(metadata, where)
         metadata.pop(GENERATION_FIELD, None)  # the commit strategy's, not the caller's
-        return metadata, names, raw
+        return metadata, names, raw, gen
 
     def _read_listed(
         self, d: DirReader, rel: str, where: str, meta_bytes: bytes | None = None, meta_where: str = ""
@@ -167,7 +179,8 @@ class Batches(Runs):
             OSError: If the tensor file exists but cannot be read.
         """
         batch_index = check_batch_index(batch_index)
-        rel = _keys.tensor_file(check_layer(layer, "layer"), check_name(key, "key"))
+        layer_name, key_name = check_layer(layer, "layer"), check_name(key, "key")
+        rel = _keys.tensor_file(layer_name, key_name)
         batch = self._batch_dir(run_id, batch_index)
         where = self._where(f"{batch}/{rel}")
 
@@ -178,24 +191,36 @@ class Batches(Runs):
             )
 
         if self.capabilities.atomic_directories:
-            # The file itself is one consistent version: no need to open the batch (one open, one read).
+            # The file itself is one consistent version: no need to open the batch (one open, one
+            # read). Not there: the batch may name a generation folder (a bucket downloaded as is).
             try:
                 with self._open(f"{batch}/{rel}") as f:
                     header = tf.read_header(f, where)
                     return self._tensor(f, header, TENSOR_NAME, where)
             except FileNotFoundError:
-                raise missing() from None
+                pass
 
         def read(d: DirReader) -> torch.Tensor | None:
             try:
-                prefix, rest = d.read_head(rel, tf.PREFETCH)
+                _, names, _, gen = self._read_batch_metadata(d, batch)
             except FileNotFoundError:
                 if d.moved():
                     raise
                 return None
+            if key_name not in names.get(layer_name, ()):
+                return None
+            file_where = self._where(f"{batch}/{_keys.in_generation(rel, gen)}")
             try:
-                header = self._parse_head(prefix, rest, where)
-                return self._tensor(rest, header, TENSOR_NAME, where)
+                prefix, rest = d.read_head(_keys.in_generation(rel, gen), tf.PREFETCH)
+            except FileNotFoundError:
+                if d.moved():
+                    raise
+                raise FileNotFoundError(
+                    f"tensor file {file_where} is listed in its batch's metadata.json but missing"
+                ) from None
+            try:
+                header = self._parse_head(prefix, rest, file_where)
+                return self._tensor(rest, header, TENSOR_NAME, file_where)
             finally:
                 if rest is not None:
                     rest.close()

@@ -7,7 +7,7 @@ from typing import BinaryIO, Callable
 
 from mi_crow.store import _keys
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._commit import DirReader
+from mi_crow.store._commit import DirReader, generation_of
 from mi_crow.store._keys import (
     ENTRIES_DIR,
     METADATA_FILE,
@@ -98,8 +98,7 @@ class Check(Models):
     ) -> list[Problem]:
         where = self._where(key)
         try:
-            with self._open(key) as f:
-                self._check_header(f, where, names, meta)
+            self._read_file(key, lambda f: self._check_header(f, where, names, meta))
         except FileNotFoundError:
             return [Problem(where, "missing (listed in its entry's metadata)")]
         except (OSError, ValueError) as e:
@@ -112,7 +111,7 @@ class Check(Models):
         def read(d: DirReader) -> list[Problem]:
             meta_where = self._where(f"{key}/{METADATA_FILE}")
             try:
-                _, names, raw = self._read_batch_metadata(d, key)
+                _, names, raw, gen = self._read_batch_metadata(d, key)
             except FileNotFoundError:
                 if d.moved():
                     raise
@@ -120,7 +119,10 @@ class Check(Models):
             except (OSError, ValueError) as e:
                 return [_problem(meta_where, e)]
             problems: list[Problem] = []
-            listed = {f"{layer}/{k}.safetensors" for layer, keys in names.items() for k in keys}
+            base = _keys.generation_dir(gen) if gen else ""
+            listed = {
+                _keys.in_generation(_keys.tensor_file(layer, k), gen) for layer, keys in names.items() for k in keys
+            }
             for rel in sorted(listed):
                 where = self._where(f"{key}/{rel}")
                 try:
@@ -133,11 +135,13 @@ class Check(Models):
                 except (OSError, ValueError) as e:
                     problems.append(_problem(where, e))
             # A tensor file the metadata does not list: a name was removed from it (or a file planted).
-            for layer, is_dir in d.list(""):
-                if not is_dir:
+            # Other generation folders are not the entry's: replaced or never committed (gc's).
+            for layer, is_dir in d.list(base):
+                if not is_dir or _keys.generation_of(layer) is not None:
                     continue
-                for name, sub_is_dir in d.list(layer):
-                    rel = f"{layer}/{name}"
+                layer_rel = f"{base}/{layer}" if base else layer
+                for name, sub_is_dir in d.list(layer_rel):
+                    rel = f"{layer_rel}/{name}"
                     if name.endswith(".safetensors") and not sub_is_dir and rel not in listed:
                         problems.append(
                             Problem(self._where(f"{key}/{rel}"), "tensor file not listed in the batch's metadata.json")
@@ -153,13 +157,12 @@ class Check(Models):
         """Check one run-level append: header, metadata JSON, the tensors it lists, every tensor."""
         where = self._where(key)
         try:
-            with self._open(key) as f:
-                header = self._check_header(f, where)
-                _, tnames = self._parse_entry(header, where)
-                for layer, keys in self._read_names_field(tnames, where).items():
-                    for k in keys:
-                        if f"{layer}/{k}" not in header.tensors:
-                            raise CorruptFileError(where, f"lists tensor {layer}/{k}, which the file does not hold")
+            header = self._read_file(key, lambda f: self._check_header(f, where))
+            _, tnames = self._parse_entry(header, where)
+            for layer, keys in self._read_names_field(tnames, where).items():
+                for k in keys:
+                    if f"{layer}/{k}" not in header.tensors:
+                        raise CorruptFileError(where, f"lists tensor {layer}/{k}, which the file does not hold")
         except FileNotFoundError:
             return []  # removed meanwhile (delete_run)
         except (OSError, ValueError) as e:
@@ -204,20 +207,21 @@ class Check(Models):
     def _check_model(self, model: str) -> list[Problem]:
         key = self._model_dir(model)
         meta_where = self._where(f"{key}/{METADATA_FILE}")
-        model_where = self._where(f"{key}/{MODEL_FILE}")
 
         def read(d: DirReader) -> list[Problem]:
             try:
                 with d.open(METADATA_FILE) as f:
-                    _, raw = self._read_json_object_file(f, meta_where)
+                    meta, raw = self._read_json_object_file(f, meta_where)
+                model_file = _keys.in_generation(MODEL_FILE, generation_of(meta, meta_where))
             except FileNotFoundError:
                 if d.moved():
                     raise
                 return [Problem(meta_where, "missing")]
             except (OSError, ValueError) as e:
                 return [_problem(meta_where, e)]
+            model_where = self._where(f"{key}/{model_file}")
             try:
-                with d.open(MODEL_FILE) as f:
+                with d.open(model_file) as f:
                     self._check_header(f, model_where, meta=(raw, meta_where))
             except FileNotFoundError:
                 if d.moved():

@@ -8,7 +8,7 @@ import torch
 
 from mi_crow.store import _keys
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._commit import DirReader
+from mi_crow.store._commit import DirReader, generation_of
 from mi_crow.store._keys import (
     GENERATION_FIELD,
     METADATA_FILE,
@@ -51,7 +51,9 @@ class Models(Appends):
         generation = self._commit.generation()
         meta_bytes = self._dumps(meta if generation is None else {**meta, GENERATION_FIELD: generation})
         files = {
-            MODEL_FILE: self._encode(prepared, {"format": "pt", **(self._metadata_crc(meta_bytes) or {})}),
+            _keys.in_generation(MODEL_FILE, generation): self._encode(
+                prepared, {"format": "pt", **(self._metadata_crc(meta_bytes) or {})}
+            ),
             METADATA_FILE: Payload(meta_bytes),  # last: the commit
         }
         self._commit.commit(key, files, generation)
@@ -71,9 +73,10 @@ class Models(Appends):
             meta_where = self._where(f"{key}/{METADATA_FILE}")
             with d.open(METADATA_FILE) as f:
                 meta, raw = self._read_json_object_file(f, meta_where)
+            model_file = _keys.in_generation(MODEL_FILE, generation_of(meta, meta_where))
             meta.pop(GENERATION_FIELD, None)
-            with d.open(MODEL_FILE) as f:
-                where = self._where(f"{key}/{MODEL_FILE}")
+            with d.open(model_file) as f:
+                where = self._where(f"{key}/{model_file}")
                 if self.verify_reads:
                     self._check_metadata_crc(tf.read_header(f, where), raw, meta_where)
                 tensors, _ = self._tensors(f, where)

@@ -113,6 +113,8 @@ class RunBatches(Batches):
         for info in self._list_tree(run_dir, after="batch"):
             name, _, rest = info.key.partition("/")
             if not name.startswith("batch_"):
+                if name < "batch_":
+                    continue  # "batch-x", "batch.json", "batch0": before "batch_" in key order
                 break
             if rest == METADATA_FILE or not rest:
                 i = _keys.batch_index(name, bool(rest))

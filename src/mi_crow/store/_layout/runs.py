@@ -41,7 +41,9 @@ class Runs(LayoutBase):
     def delete_run(self, run_id: str) -> None:
         """Remove everything of a run: batches, metadata and run-level detector data.
 
-        The run disappears at once; a missing run is not an error.
+        The run disappears at once (on object storage, which cannot delete many objects at
+        once, each entry vanishes whole: its commit object goes first); a missing run is not an
+        error.
         """
         key = self._run_dir(run_id)
         self._delete(key)
