@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Dict
 
@@ -56,10 +58,15 @@ class Appends(RunBatches):
             n = self._append_next.get(run_key)
         if n is None:
             n = self._next_entry_number(det)
+        lost = 0
         while not self._write_new(f"{det}/{_keys.entry_file(n)}", payload):
             # Another writer took n: look again rather than step by one, in case many did. Numbers
             # stay dense (every number below the last is taken), so a number that is free is past
             # every committed entry: the log's order is the order in which appends were made.
+            lost += 1
+            # Writers that lost together would race again for the next number at once: wait a
+            # random moment first (longer after each loss), so that they arrive one by one.
+            time.sleep(random.uniform(0, min(0.001 * 2**lost, 0.05)))
             n = max(n + 1, self._next_entry_number(det, taken=n))
         with self._append_lock:
             self._append_next[run_key] = max(n + 1, self._append_next.get(run_key, 0))
