@@ -11,6 +11,7 @@ written last, names it (``_commit.CommitObject``). Appends claim their number wi
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import math
@@ -424,7 +425,11 @@ class ObjectStore(LayoutStore):
                 self._write(key, payload)
             return
         self._check_conditional_put()
-        for f in [self._pool.submit(self._put, key, payload) for key, payload in files.items()]:
+        futures = [self._pool.submit(self._put, key, payload) for key, payload in files.items()]
+        # Every upload has ended before this returns, also when one failed: none reads the
+        # caller's tensors afterwards (the payload contract).
+        concurrent.futures.wait(futures)
+        for f in futures:
             f.result()
 
     # ------------------------------------------------------------------ reads
