@@ -571,3 +571,20 @@ def test_a_bucket_downloaded_as_is_reads_as_a_local_store(tmp_path: Path, seawee
     assert_same(local.get_detector_metadata_by_layer_by_key("r", 0, "l", "k"), t + 1)
     assert_same(local.get_model("m")[0]["w"], t)
     assert local.check() == []
+
+
+def test_a_listing_of_many_folders_leaves_out_the_emptied_ones(seaweedfs: SeaweedFS, s3_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = make_store(seaweedfs, s3_url)
+    with ThreadPoolExecutor(16) as pool:  # more folders than are checked one by one
+        list(pool.map(lambda i: store.put_detector_metadata("r", i, {}, {"l": {"k": torch.ones(1)}}), range(40)))
+    bucket, _, prefix = s3_url.removeprefix("s3://").partition("/")
+    client = seaweedfs.client(bucket)
+    for i in range(0, 40, 3):  # empty some batch folders entirely, as a delete does
+        keys = [o["path"] for chunk in obstore.list(client, f"{prefix}/runs/r/batch_{i}") for o in chunk]
+        obstore.delete(client, keys)
+    listed = sorted(int(name.removeprefix("batch_")) for name, is_dir in store._list("runs/r") if is_dir)
+    assert listed == [i for i in range(40) if i % 3]
+    assert store.list_run_batches("r") == listed
+    assert store.check() == []

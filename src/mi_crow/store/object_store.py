@@ -47,6 +47,9 @@ PART_SIZE = 8 * 1024 * 1024
 # Tensors at least this large come back as views of the bytes one ranged GET returned (no copy);
 # the bytes of the file's first GET are then fetched again, at most 1/64 of the tensor.
 BORROW_MIN = 4 * 1024 * 1024
+# Up to this many folders of a one-level listing are checked for objects with a LIST each (in
+# parallel); more are checked with one recursive listing.
+_CONFIRM_ONE_BY_ONE = 32
 # Objects written when a store first writes, to check that the server honours conditional PUT.
 _PROBE_DIR = ".mi-crow-store"
 
@@ -494,7 +497,12 @@ class ObjectStore(LayoutStore):
         prefixes = [self._rel(p.rstrip("/"), full) for p in listed["common_prefixes"]]
         # A folder whose last object was deleted can still show up for a while (SeaweedFS):
         # a folder counts only while something is in it.
-        if prefixes:
+        if len(prefixes) > _CONFIRM_ONE_BY_ONE:
+            # Many folders (a run's batches): one paginated recursive listing costs a request per
+            # 1,000 objects instead of a request per folder.
+            holding = {info.key.split("/", 1)[0] for info in self._list_tree(key) if "/" in info.key}
+            out += [(name, True) for name in prefixes if name in holding]
+        elif prefixes:
             nonempty = self._pool.map(lambda name: self._has_objects(_keys.join(key, name)), prefixes)
             out += [(name, True) for name, keep in zip(prefixes, nonempty, strict=True) if keep]
         return out
