@@ -588,3 +588,11 @@ def test_a_listing_of_many_folders_leaves_out_the_emptied_ones(seaweedfs: Seawee
     assert listed == [i for i in range(40) if i % 3]
     assert store.list_run_batches("r") == listed
     assert store.check() == []
+
+
+def test_a_client_without_conditional_put_is_refused_clearly(seaweedfs: SeaweedFS, s3_url: str) -> None:
+    config = {**seaweedfs.store_config(), "conditional_put": "disabled"}  # as AWS_CONDITIONAL_PUT=disabled does
+    store = ObjectStore(s3_url, config=config, client_options=seaweedfs.client_options())
+    with pytest.raises(ObjectStoreError, match=r"refused a conditional PUT.*single_writer=True"):
+        store.put_run_metadata("r", {})
+    assert store.list_runs() == []

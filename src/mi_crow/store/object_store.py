@@ -372,7 +372,7 @@ class ObjectStore(LayoutStore):
                     honoured = False
                 except AlreadyExistsError:
                     honoured = True
-            except ObjectStoreError as e:
+            except (ObjectStoreError, NotImplementedError) as e:  # NotImplementedError: AWS_CONDITIONAL_PUT=disabled
                 raise ObjectStoreError(
                     f"{self.url}: the server refused a conditional PUT (If-None-Match: *), which concurrent writers "
                     f"need: {e}. For a single writing process pass single_writer=True."
