@@ -53,7 +53,7 @@ _CONFIRM_ONE_BY_ONE = 32
 # Objects written when a store first writes, to check that the server honours conditional PUT.
 _PROBE_DIR = ".mi-crow-store"
 
-_probed: dict[tuple[str, str], bool] = {}
+_probed: dict[tuple[str, str, str], bool] = {}
 _probe_lock = threading.Lock()
 
 # obstore cannot be used in a process forked from one that used it (measured with 0.12.1: the
@@ -360,7 +360,10 @@ class ObjectStore(LayoutStore):
             or os.environ.get("AWS_ENDPOINT_URL")
             or "aws"
         )
-        ident = (endpoint, self.bucket)
+        # Per server and bucket, and per client setting: a client told not to use conditional PUT
+        # (config or AWS_CONDITIONAL_PUT) is checked on its own.
+        setting = str(self._config.get("conditional_put") or os.environ.get("AWS_CONDITIONAL_PUT") or "")
+        ident = (endpoint, self.bucket, setting)
         with _probe_lock:
             if _probed.get(ident):
                 return
@@ -375,7 +378,7 @@ class ObjectStore(LayoutStore):
             except (ObjectStoreError, NotImplementedError) as e:  # NotImplementedError: AWS_CONDITIONAL_PUT=disabled
                 raise ObjectStoreError(
                     f"{self.url}: the server refused a conditional PUT (If-None-Match: *), which concurrent writers "
-                    f"need: {e}. For a single writing process pass single_writer=True."
+                    f"need: {_first_line(e)}. For a single writing process pass single_writer=True."
                 ) from e
             finally:
                 with contextlib.suppress(OSError):
