@@ -418,37 +418,30 @@ def appends(b: Bench) -> None:
                 times.setdefault((kind, w), []).append(go(kind, w, rep))
     counts = {run: len(b.store._entry_names(b.store._detectors_dir(run))) for w in runs for run in runs[w]}
     rows = []
+
+    def compare(label: str, store_times: list[float], raw_times: list[float], what: str) -> None:
+        m, lo, hi = ratio_stats(store_times, raw_times)
+        r, st = median(raw_times), median(store_times)
+        rows.append([label, n / r, n / st, f"{r / n * 1e3:.2f} ms", f"{st / n * 1e3:.2f} ms", m, span(lo, hi)])
+        target(f"append 64 KiB, {what}", m, "<= 1.5x", m <= 1.5)
+
     for w in (1, procs):
-        s, r = times[("store", w)], times[("raw", w)]
-        m, lo, hi = ratio_stats(s, r)
-        rows.append(
-            [
-                f"{w} process{'es' if w > 1 else ''}",
-                n / median(r),
-                n / median(s),
-                f"{median(r) / n * 1e3:.2f} ms",
-                f"{median(s) / n * 1e3:.2f} ms",
-                m,
-                span(lo, hi),
-            ]
+        writers = f"{w} writer{'s' if w > 1 else ''}"
+        compare(
+            f"{w} process{'es' if w > 1 else ''}",
+            times[("store", w)],
+            times[("raw", w)],
+            f"{writers}: store / raw put-if-absent",
         )
-        target(f"append 64 KiB, {w} writer{'s' if w > 1 else ''}: store / raw put-if-absent", m, "<= 1.5x", m <= 1.5)
     # Four writers of one log race for numbers whatever the client: against the raw client
     # appending to one shared log the same way, the store's own cost shows.
-    s, r = times[("store", procs)], times[("raw-log", procs)]
-    m, lo, hi = ratio_stats(s, r)
-    rows.append(
-        [
-            f"{procs} processes, raw appending to one shared log",
-            n / median(r),
-            n / median(s),
-            f"{median(r) / n * 1e3:.2f} ms",
-            f"{median(s) / n * 1e3:.2f} ms",
-            m,
-            span(lo, hi),
-        ]
+    compare(
+        f"{procs} processes, raw appending to one shared log",
+        times[("store", procs)],
+        times[("raw-log", procs)],
+        f"{procs} writers: store / raw appending to one shared log",
     )
-    target(f"append 64 KiB, {procs} writers: store / raw appending to one shared log", m, "<= 1.5x", m <= 1.5)
+
     print_table(
         [
             f"{n} appends of 64 KiB",

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from mi_crow.store import CopyReport, LayoutStore, LocalStore, MemoryStore, _keys, copy_store
 from mi_crow.store._copy import CopyConflictError
-from mi_crow.store.cli import EXIT_DAMAGED, EXIT_USAGE, main
+from mi_crow.store.cli import EXIT_DAMAGED, EXIT_USAGE
 from mi_crow.store.errors import CorruptFileError
 from mi_crow.store.testing import all_dtypes, sample_tensor
+from test_cli import invoke  # the same in-process runner, with its no-traceback checks
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -467,13 +468,6 @@ def test_a_copy_killed_at_any_point_resumes_to_an_exact_copy(tmp_path: Path) -> 
 
 
 # ---------------------------------------------------------------------------------------------- the command
-
-
-def invoke(*args: str) -> Result:
-    result = CliRunner().invoke(main, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
-    assert "Traceback" not in result.output
-    return result
 
 
 def error_line(result: Result) -> str:

@@ -334,12 +334,18 @@ def _read_first(store: ObjectStore) -> list[int]:
 def test_a_forked_child_gets_an_error_not_a_hang(seaweedfs: SeaweedFS, s3_url: str) -> None:
     store = make_store(seaweedfs, s3_url)
     store.put_run_metadata("r", {"a": 1})
+    message = _error_in_a_forked_child(lambda: store.get_run_metadata("r"))
+    assert "forked" in message and "spawn" in message, message
+
+
+def _error_in_a_forked_child(call: Any) -> str:
+    """Run ``call`` in a forked child; the ObjectStoreError it raised, as text ("no error" if none)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report what happened through the pipe, never run pytest's teardown
         os.close(r)
         try:
-            store.get_run_metadata("r")
+            call()
             os.write(w, b"no error")
         except ObjectStoreError as e:
             os.write(w, str(e).encode()[:2000])
@@ -349,7 +355,7 @@ def test_a_forked_child_gets_an_error_not_a_hang(seaweedfs: SeaweedFS, s3_url: s
     with os.fdopen(r, "rb") as f:
         message = f.read().decode()
     os.waitpid(pid, 0)
-    assert "forked" in message and "spawn" in message, message
+    return message
 
 
 class _IgnoresConditionalPut(http.server.BaseHTTPRequestHandler):
@@ -492,21 +498,7 @@ def test_a_forked_child_gets_an_error_also_on_parallel_writes(seaweedfs: Seaweed
     store = make_store(seaweedfs, s3_url, max_concurrency=2)
     tensors = {f"l{j}": {"k": torch.ones(2)} for j in range(6)}
     store.put_detector_metadata("r", 0, {}, tensors)  # the thread pool has been used
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            store.put_detector_metadata("r", 1, {}, tensors)
-            os.write(w, b"no error")
-        except ObjectStoreError as e:
-            os.write(w, str(e).encode()[:2000])
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        message = f.read().decode()
-    os.waitpid(pid, 0)
+    message = _error_in_a_forked_child(lambda: store.put_detector_metadata("r", 1, {}, tensors))
     assert "forked" in message, message
 
 

@@ -186,7 +186,7 @@ def object_leftovers(store: LayoutStore) -> list[str]:
     for folder, names in folders.items():
         gen = None
         if METADATA_FILE in names:
-            gen = json.loads(store._read_bytes(f"{folder}/{METADATA_FILE}")).get(GENERATION_FIELD)
+            gen = json.loads(store._read_json_file(f"{folder}/{METADATA_FILE}")).get(GENERATION_FIELD)
         for name in names:
             if name != METADATA_FILE and (gen is None or not name.startswith(generation_dir(gen) + "/")):
                 out.append(f"{folder}/{name}")

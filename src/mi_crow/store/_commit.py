@@ -114,7 +114,7 @@ class CommitObject:
             reader.close()
 
 
-def generation_of(doc: dict[str, Any], where: str) -> str | None:
+def named_generation(doc: dict[str, Any], where: str) -> str | None:
     """The generation an entry's parsed ``metadata.json`` names (``None``: mi_crow's own paths).
 
     Raises:
@@ -129,7 +129,7 @@ def generation_of(doc: dict[str, Any], where: str) -> str | None:
 
 
 def read_generation(raw: bytes, where: str) -> str | None:
-    """:func:`generation_of` for a commit object's bytes.
+    """:func:`named_generation` for a commit object's bytes.
 
     Raises:
         CorruptMetadataError: If the bytes are not a JSON object (then which files the entry
@@ -141,7 +141,7 @@ def read_generation(raw: bytes, where: str) -> str | None:
         raise CorruptMetadataError(where, f"not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise CorruptMetadataError(where, "must hold a JSON object")
-    return generation_of(doc, where)
+    return named_generation(doc, where)
 
 
 class _CommitReader:

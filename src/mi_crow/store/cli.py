@@ -16,6 +16,7 @@ import torch
 
 from mi_crow.store import _atomic, _keys
 from mi_crow.store import _tensor_file as tf
+from mi_crow.store._commit import named_generation
 from mi_crow.store._copy import copy_store
 from mi_crow.store._layout import LayoutStore, Problem
 from mi_crow.store._names import check_name
@@ -123,17 +124,11 @@ def _describe_batch_dir(store: LayoutStore, run: str, i: int, batch_dir: str) ->
     meta_key = f"{batch_dir}/{_keys.METADATA_FILE}"
     where = store._where(meta_key)
     try:
-        meta = store._read_json(meta_key)
-        if not isinstance(meta, dict):
-            raise ValueError(f"{where} must hold a JSON object, got {type(meta).__name__}")
+        meta = store._read_json_object(meta_key)
         if _keys.TENSOR_NAMES_FIELD not in meta:
             raise ValueError(f"{where} has no {_keys.TENSOR_NAMES_FIELD!r} field")
         names = store._read_names_field(meta[_keys.TENSOR_NAMES_FIELD], where)
-        generation = meta.get(_keys.GENERATION_FIELD)
-        if generation is not None and (
-            not isinstance(generation, str) or _keys.generation_of(_keys.generation_dir(generation)) != generation
-        ):
-            raise ValueError(f"{where}: {_keys.GENERATION_FIELD} must be 24 hex digits, got {str(generation)[:60]!r}")
+        generation = named_generation(meta, where)
     except FileNotFoundError:
         return [Row(run, str(i), "-", "-", damaged=f"{where} is missing")]
     except _STORE_ERRORS as e:

@@ -336,17 +336,29 @@ class ObjectStore(LayoutStore):
     def _where(self, key: str) -> str:
         return f"{self.url}/{key}" if key else self.url
 
-    def _call(self, fn: Any, key: str, *args: Any, **kwargs: Any) -> Any:
-        """``fn(client, full key, ...)``: obstore's errors as ``FileNotFoundError`` (missing) or
-        :class:`ObjectStoreError` naming the object (after obstore's own retries)."""
+    @contextlib.contextmanager
+    def _errors(self, key: str, *, empty_without_bucket: bool = False) -> Iterator[None]:
+        """obstore's errors inside the block as :class:`ObjectStoreError` naming ``key`` (after
+        obstore's own retries); ``AlreadyExistsError``/``PreconditionError`` pass, the callers'
+        answers. ``empty_without_bucket``: a listing of a bucket that does not exist yet (the first
+        PUT creates it) ends the block quietly: the store is empty, as a LocalStore whose folder
+        does not exist."""
         try:
-            return fn(self._client, self._full(key), *args, **kwargs)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no object {self._where(key)}") from None
+            yield
         except (AlreadyExistsError, PreconditionError):
             raise
         except obstore.exceptions.BaseError as e:
-            raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+            if not (empty_without_bucket and _no_bucket(e)):
+                raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+
+    def _call(self, fn: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+        """``fn(client, full key, ...)``: a missing object as ``FileNotFoundError`` naming it, other
+        errors as :meth:`_errors` says."""
+        try:
+            with self._errors(key):
+                return fn(self._client, self._full(key), *args, **kwargs)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no object {self._where(key)}") from None
 
     # ------------------------------------------------------------------ writes
 
@@ -461,9 +473,6 @@ class ObjectStore(LayoutStore):
         data = memoryview(got.bytes())
         return cast(ContextManager[BinaryIO], _ObjectFile(self, key, data, len(data), got.meta.get("e_tag")))
 
-    def _read_bytes(self, key: str) -> bytes:
-        return bytes(self._call(obstore.get, key).bytes())
-
     def _exists(self, key: str) -> bool:
         try:
             self._call(obstore.head, key)
@@ -489,12 +498,11 @@ class ObjectStore(LayoutStore):
 
     def _list(self, key: str) -> list[tuple[str, bool]]:
         full = self._full(key)
-        try:
+        listed = None
+        with self._errors(key, empty_without_bucket=True):
             listed = obstore.list_with_delimiter(self._client, full or None)
-        except obstore.exceptions.BaseError as e:
-            if _no_bucket(e):
-                return []
-            raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
+        if listed is None:
+            return []
         # An emptied folder can also list as a 0-byte object named like the folder (SeaweedFS).
         out = [(name, False) for o in listed["objects"] if (name := self._rel(o["path"], full))]
         prefixes = [self._rel(p.rstrip("/"), full) for p in listed["common_prefixes"]]
@@ -511,29 +519,21 @@ class ObjectStore(LayoutStore):
         return out
 
     def _has_objects(self, key: str) -> bool:
-        try:
+        with self._errors(key, empty_without_bucket=True):
             for chunk in obstore.list(self._client, self._full(key), chunk_size=1):
                 if chunk:
                     return True
-        except obstore.exceptions.BaseError as e:
-            if _no_bucket(e):
-                return False
-            raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
         return False
 
     def _list_tree(self, key: str, *, after: str | None = None) -> Iterator[ObjectInfo]:
         full = self._full(key)
         offset = None if not after else _keys.join(full, start) if (start := _start_after(after)) else None
-        try:
+        with self._errors(key, empty_without_bucket=True):
             for chunk in obstore.list(self._client, full or None, offset=offset, chunk_size=1000):
                 for o in chunk:
                     rel = self._rel(o["path"], full)
                     if after is None or rel > after:  # code-point order is UTF-8 byte order
                         yield ObjectInfo(rel, int(o["size"]), o.get("last_modified"))
-        except obstore.exceptions.BaseError as e:
-            if _no_bucket(e):
-                return
-            raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
 
     def _delete(self, key: str) -> None:
         keys = [key] + [_keys.join(key, info.key) for info in self._list_tree(key)]
@@ -562,12 +562,8 @@ class ObjectStore(LayoutStore):
     def _delete_keys(self, key: str, keys: Sequence[str]) -> None:
         for i in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
             chunk = [self._full(k) for k in keys[i : i + 1000]]
-            try:
+            with self._errors(key), contextlib.suppress(FileNotFoundError):
                 obstore.delete(self._client, chunk)
-            except FileNotFoundError:
-                pass
-            except obstore.exceptions.BaseError as e:
-                raise ObjectStoreError(f"{self._where(key)}: {_first_line(e)}") from e
 
     # ------------------------------------------------------------------ mi_crow's local paths
 
@@ -622,10 +618,7 @@ class ObjectStore(LayoutStore):
                     if info.modified is None or info.modified > cutoff:
                         continue  # too young (or of unknown age): may be a write in progress
                     key = _keys.join(folder, info.key)
-                    try:
-                        obstore.delete(self._client, self._full(key))
-                    except FileNotFoundError:
-                        continue
+                    self._delete_keys(key, [key])  # errors as ObjectStoreError naming it, as elsewhere
                     removed.append(self._where(key))
                     freed += info.size
         # Multipart uploads a killed writer never completed (invisible to listings, still stored),
@@ -718,8 +711,7 @@ def _start_after(after: str) -> str | None:
 
 
 def _no_bucket(e: BaseException) -> bool:
-    """Whether a listing failed because the bucket does not exist yet (it is created by the first
-    PUT): the store is then empty, as a LocalStore whose folder does not exist."""
+    """Whether a request failed because the bucket does not exist (yet)."""
     return "NoSuchBucket" in str(e)
 
 

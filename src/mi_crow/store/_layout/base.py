@@ -239,10 +239,6 @@ class LayoutBase(Store):
         where = self._where(key)
         return self._read_file(key, lambda f: self._read_json_bytes(f, where))
 
-    def _read_bytes(self, key: str) -> bytes:
-        with self._open(key) as f:
-            return f.read()
-
     @staticmethod
     def _read_json_bytes(f: BinaryIO, where: str) -> bytes:
         """The bytes of the JSON file open as ``f``, refused before reading if over ``MAX_JSON_BYTES``."""

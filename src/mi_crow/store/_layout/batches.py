@@ -8,7 +8,7 @@ import torch
 
 from mi_crow.store import _keys
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._commit import DirReader, generation_of
+from mi_crow.store._commit import DirReader, named_generation
 from mi_crow.store._keys import (
     GENERATION_FIELD,
     METADATA_CRC_FIELD,
@@ -143,7 +143,7 @@ class Batches(Runs):
                 where, f"field {TENSOR_NAMES_FIELD!r} not found in detector metadata; cannot retrieve tensors"
             )
         names = self._read_names_field(metadata.pop(TENSOR_NAMES_FIELD), where)
-        gen = generation_of(metadata, where)
+        gen = named_generation(metadata, where)
         metadata.pop(GENERATION_FIELD, None)  # the commit strategy's, not the caller's
         return metadata, names, raw, gen
 
@@ -155,10 +155,7 @@ class Batches(Runs):
         try:
             prefix, rest = d.read_head(rel, tf.PREFETCH)
             try:
-                if rest is None:  # a memoryview is the whole file, held by this read alone: tensors borrow it
-                    header = tf.parse_header(prefix, len(prefix), None, where, borrow=isinstance(prefix, memoryview))
-                else:
-                    header = tf.parse_header(prefix, rest.seek(0, 2), rest, where)
+                header = self._parse_head(prefix, rest, where)
                 if meta_bytes is not None:
                     self._check_metadata_crc(header, meta_bytes, meta_where)
                 return self._tensor(rest, header, TENSOR_NAME, where)

@@ -7,7 +7,7 @@ from typing import BinaryIO, Callable
 
 from mi_crow.store import _keys
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._commit import DirReader, generation_of
+from mi_crow.store._commit import DirReader, named_generation
 from mi_crow.store._keys import (
     ENTRIES_DIR,
     METADATA_FILE,
@@ -212,7 +212,7 @@ class Check(Models):
             try:
                 with d.open(METADATA_FILE) as f:
                     meta, raw = self._read_json_object_file(f, meta_where)
-                model_file = _keys.in_generation(MODEL_FILE, generation_of(meta, meta_where))
+                model_file = _keys.in_generation(MODEL_FILE, named_generation(meta, meta_where))
             except FileNotFoundError:
                 if d.moved():
                     raise

@@ -8,7 +8,7 @@ import torch
 
 from mi_crow.store import _keys
 from mi_crow.store import _tensor_file as tf
-from mi_crow.store._commit import DirReader, generation_of
+from mi_crow.store._commit import DirReader, named_generation
 from mi_crow.store._keys import (
     GENERATION_FIELD,
     METADATA_FILE,
@@ -73,7 +73,7 @@ class Models(Appends):
             meta_where = self._where(f"{key}/{METADATA_FILE}")
             with d.open(METADATA_FILE) as f:
                 meta, raw = self._read_json_object_file(f, meta_where)
-            model_file = _keys.in_generation(MODEL_FILE, generation_of(meta, meta_where))
+            model_file = _keys.in_generation(MODEL_FILE, named_generation(meta, meta_where))
             meta.pop(GENERATION_FIELD, None)
             with d.open(model_file) as f:
                 where = self._where(f"{key}/{model_file}")
