@@ -13,7 +13,17 @@ operation                  local file system (``LocalStore``)              objec
 ``_list(key)``             ``scandir`` of the directory                    LIST with ``/`` delimiter
 ``_list_tree(key)``        (not needed)                                    LIST, paginated
 ``_delete(key)``           rename aside, then remove                       LIST + DELETE many
+``_update(key, change)``   ``flock`` of the folder, then ``_write``        GET, PUT ``If-Match: etag``, retried
 =========================  ==============================================  ===========================
+
+``_update(key, change)`` replaces a small object (run metadata) by ``change(its bytes)`` (``None``
+when absent) atomically against every other ``_update`` of that key, from any thread or process,
+and returns what it wrote; ``change`` may be called again after a concurrent update won, and
+what it raises propagates with nothing written. ``LocalStore`` holds an exclusive ``flock`` on the
+descriptor of the key's folder (released by the kernel if the holder dies; no lock file);
+``ObjectStore`` PUTs with ``If-Match`` on the ETag it read (``If-None-Match: *`` when absent) and
+retries with jittered backoff when it lost; ``MemoryStore`` holds its lock. ``LayoutStore``'s
+default is a read then a write under a lock of the store object: atomic only among its threads.
 
 A multi-file entry (a batch of ``put_detector_metadata``, a model) is made visible by a
 *commit strategy* (``_commit.py``): where :attr:`Capabilities.atomic_directories` holds, the

@@ -24,7 +24,8 @@ from mi_crow.store import _atomic, _fs
 from mi_crow.store._backend import Capabilities, GcReport
 from mi_crow.store._layout import LayoutStore
 from mi_crow.store._tensor_file import Payload
-from mi_crow.store.errors import CorruptFileError
+from mi_crow.store.errors import CorruptFileError, InvalidJSONError
+from mi_crow.store.limits import MAX_JSON_BYTES
 
 T = TypeVar("T")
 
@@ -380,6 +381,32 @@ class LocalStore(LayoutStore):
         with self._writers.shared():
             return self._in_parent(key, op)
 
+    def _update(self, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        def op(dir_fd: int, name: str, where: str) -> bytes:
+            # An exclusive flock on the directory's own descriptor: every _update in this directory
+            # waits for it (each call opens its own descriptor, so threads of one process exclude
+            # each other too); the kernel releases it when the holder dies, even by SIGKILL; and no
+            # lock file is left in the run folder for mi_crow 1.0 or check() to find.
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            try:
+                new = bytes(change(_read_small(dir_fd, name, where)))
+                tmp = self._create_temp(dir_fd, Payload(new), where)
+                try:
+                    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException as e:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp, dir_fd=dir_fd)
+                    if isinstance(e, OSError):
+                        raise _fs.named(e, where) from None
+                    raise
+                self._sync(dir_fd)
+                return new
+            finally:
+                fcntl.flock(dir_fd, fcntl.LOCK_UN)
+
+        with self._writers.shared():
+            return self._in_parent(key, op)
+
     def _write_dir(self, key: str, files: Mapping[str, Payload]) -> None:
         def op(dir_fd: int, name: str, where: str) -> None:
             stage = _atomic.unique_name(_atomic.STAGE_PREFIX)
@@ -529,6 +556,20 @@ class _Fd:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _read_small(dir_fd: int, name: str, where: str) -> bytes | None:
+    """The bytes of regular file ``name`` of ``dir_fd`` (``None`` if missing), refused with
+    ``InvalidJSONError`` before reading if over ``MAX_JSON_BYTES``; never through a link."""
+    try:
+        fd = _fs.open_file_at(dir_fd, name, where)
+    except FileNotFoundError:
+        return None
+    with open(fd, "rb", buffering=0) as f:
+        size = os.fstat(fd).st_size
+        if size > MAX_JSON_BYTES:
+            raise InvalidJSONError(where, f"{size:,} bytes of JSON; at most {MAX_JSON_BYTES:,} are read")
+        return f.read(size)
 
 
 def _prefixes(rel: str) -> list[str]:

@@ -11,7 +11,7 @@ import contextlib
 import errno
 import io
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 from mi_crow.store._layout import LayoutStore
@@ -132,6 +132,13 @@ class MemoryStore(LayoutStore):
                 return False
             self._files[key] = data
             return True
+
+    def _update(self, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        # Under the store's lock: no other write of any thread lands between the read and the write.
+        with self._lock:
+            new = bytes(change(self._files.get(key)))
+            self._files[key] = new
+            return new
 
     def _write_dir(self, key: str, files: Mapping[str, Payload]) -> None:
         new = {f"{key}/{rel}": _join(payload) for rel, payload in files.items()}

@@ -450,6 +450,59 @@ class ObjectStore(LayoutStore):
         for f in futures:
             f.result()
 
+    # A conditional update (update_run_metadata) that lost to another writer is tried again after a
+    # random pause of up to first x 2^attempt seconds (at most the second value), this often in all.
+    update_attempts = 40
+    update_backoff = (0.02, 2.0)
+
+    def _update(self, key: str, change: Any) -> bytes:
+        """GET ``key`` (its bytes and ETag), ``change`` them, PUT the result with ``If-Match`` on
+        that ETag (``If-None-Match: *`` when absent); when another writer won (412, or the object
+        now exists), read again and retry after a jittered exponential backoff, at most
+        :attr:`update_attempts` times, then :class:`ObjectStoreError`. ``single_writer``: one
+        plain PUT."""
+        import random
+        import time
+
+        from mi_crow.store.errors import InvalidJSONError
+        from mi_crow.store.limits import MAX_JSON_BYTES
+
+        self._check_conditional_put()
+        first, most = self.update_backoff
+        attempts = 1 if self.single_writer else self.update_attempts
+        for attempt in range(attempts):
+            try:
+                got = self._call(obstore.get, key)
+            except FileNotFoundError:
+                old, etag = None, None
+            else:
+                size = int(got.meta["size"])
+                if size > MAX_JSON_BYTES:  # refused before its bytes are read
+                    raise InvalidJSONError(
+                        self._where(key), f"{size:,} bytes of JSON; at most {MAX_JSON_BYTES:,} are read"
+                    )
+                old, etag = bytes(got.bytes()), got.meta.get("e_tag")
+            new = bytes(change(old))
+            if self.single_writer:
+                self._call(obstore.put, key, new, use_multipart=False)
+                return new
+            if old is not None and not etag:
+                raise ObjectStoreError(
+                    f"{self._where(key)}: the server sent no ETag, which a conditional update needs; "
+                    "for a single writing process pass single_writer=True"
+                )
+            mode = {"e_tag": etag} if old is not None else "create"
+            try:
+                self._call(obstore.put, key, new, mode=mode, use_multipart=False)
+                return new
+            except (PreconditionError, AlreadyExistsError):
+                if attempt + 1 < attempts:
+                    time.sleep(random.uniform(0, min(most, first * 2**attempt)))
+        raise ObjectStoreError(
+            f"{self._where(key)}: the update lost to concurrent writers {attempts} times in a row "
+            f"({attempts} attempts); try again"
+        )
+
     # ------------------------------------------------------------------ reads
 
     def _open(self, key: str) -> ContextManager[BinaryIO]:

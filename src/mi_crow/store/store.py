@@ -9,7 +9,8 @@ naming rules, safetensors encoding) once on top of a few byte-level operations.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+import copy
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -205,6 +206,49 @@ class Store(abc.ABC):
             json.JSONDecodeError: If metadata file exists but contains invalid JSON
         """
         raise NotImplementedError
+
+    def update_run_metadata(self, run_id: str, update: Callable[[Dict[str, Any]], Dict[str, Any]]) -> Dict[str, Any]:
+        """Replace a run's metadata by ``update(current)``, for several writers of one run.
+
+        ``update`` gets a copy of the current metadata (``{}`` when the run has none) and returns
+        the new metadata. It may be called more than once (again after a concurrent update won),
+        so it must compute its result from its argument alone, with no side effects. The stores
+        of this package make the whole read-update-write atomic against every other
+        ``update_run_metadata`` call, from any thread or process (``LocalStore``: an exclusive
+        ``flock`` on the run's folder; ``ObjectStore``: a conditional PUT, retried). A plain
+        ``put_run_metadata`` still replaces the metadata outright.
+
+        This default, for stores that subclass ``Store`` directly, is ``get_run_metadata`` then
+        ``put_run_metadata``: **not atomic** (a concurrent writer's update can be lost).
+
+        Args:
+            run_id: Run identifier
+            update: A function from the current metadata to the new metadata.
+
+        Returns:
+            The metadata written.
+
+        Raises:
+            TypeError: If ``update`` is not callable.
+            ValueError: If run_id is invalid, or ``update`` returns something that is not a
+                JSON-serializable dict (nothing is written then).
+            OSError: If file system operations fail.
+
+        Examples:
+            >>> from mi_crow.store import MemoryStore
+            >>> store = MemoryStore()
+            >>> for _ in range(3):
+            ...     _ = store.update_run_metadata("run", lambda m: {**m, "count": m.get("count", 0) + 1})
+            >>> store.get_run_metadata("run")
+            {'count': 3}
+        """
+        if not callable(update):
+            raise TypeError(f"update must be a function of the current metadata, got {type(update).__name__}")
+        new = update(copy.deepcopy(self.get_run_metadata(run_id)))
+        if not isinstance(new, dict):
+            raise ValueError(f"update must return the new metadata as a dict, returned {type(new).__name__}")
+        self.put_run_metadata(run_id, new)
+        return new
 
     # --- Per-batch detector data ---
 

@@ -88,17 +88,20 @@ class LayoutBase(Store):
         self._mmap_min: int | None = None
         self._append_lock = threading.Lock()
         self._append_next: dict[str, int] = {}
+        self._update_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         # Stores travel to DataLoader workers and subprocesses: locks and caches stay behind.
         state = self.__dict__.copy()
         del state["_append_lock"]
+        del state["_update_lock"]
         state["_append_next"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._append_lock = threading.Lock()
+        self._update_lock = threading.Lock()
 
     # ------------------------------------------------------------------ backend API
     #
@@ -114,6 +117,27 @@ class LayoutBase(Store):
     @abc.abstractmethod
     def _write_new(self, key: str, payload: Payload) -> bool:
         """Atomically create ``key`` unless it exists (put-if-absent); ``False`` if it did."""
+
+    def _update(self, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        """Replace the small object ``key`` by ``change(its bytes)`` (``None`` when absent), atomically
+        against every other ``_update`` of ``key`` from any thread or process; return what was written.
+
+        ``change`` may be called more than once (a backend that detects a concurrent update
+        retries with the new contents); an exception from it propagates and nothing is written.
+        An object larger than ``MAX_JSON_BYTES`` raises ``InvalidJSONError`` before it is read.
+
+        This default (for third-party backends) is :meth:`_open` then :meth:`_write` under a lock of
+        this store object: atomic only among the threads that share it; this package's backends
+        override it.
+        """
+        with self._update_lock:
+            try:
+                data: bytes | None = self._read_file(key, lambda f: self._read_json_bytes(f, self._where(key)))
+            except FileNotFoundError:
+                data = None
+            new = change(data)
+            self._write(key, Payload(new))
+            return new
 
     def _write_many(self, files: Mapping[str, Payload]) -> None:
         """``_write`` each of ``files`` (in parallel where the backend can); not atomic as a whole."""

@@ -3,7 +3,7 @@
 :class:`~mi_crow.store.testing.StoreTests` checks what users see; these tests check the
 operations of :mod:`mi_crow.store._backend` that a backend supplies (``_write``, ``_write_new``,
 ``_write_many``, ``_open``, ``_read_many``, ``_reader_of``, ``_list``, ``_list_tree``,
-``_delete``, ``_write_dir``, ``_open_dir``) on keys such as ``"a/b.bin"``, so that a broken
+``_delete``, ``_update``, ``_write_dir``, ``_open_dir``) on keys such as ``"a/b.bin"``, so that a broken
 operation fails a test that names it. Subclass :class:`BackendTests` and implement
 ``make_backend`` (or override the ``backend`` fixture)::
 
@@ -23,6 +23,7 @@ listing of the store's root may show them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import random
@@ -235,6 +236,57 @@ class BackendTests:
             results = list(pool.map(claim, range(8)))
         assert results.count(True) == 1, results
         assert _read(backend, "race/k.bin") == f"writer {results.index(True)}".encode()
+
+    # ------------------------------------------------------------------ _update
+
+    def test_update_creates_then_replaces(self, backend: LayoutStore) -> None:
+        seen: list[bytes | None] = []
+
+        def change(old: bytes | None) -> bytes:
+            seen.append(old)
+            return b"1" if old is None else old + b"+"
+
+        assert backend._update("u/k.json", change) == b"1"
+        assert backend._update("u/k.json", change) == b"1+"
+        assert seen == [None, b"1"]
+        assert _read(backend, "u/k.json") == b"1+"
+        backend._write("u/k.json", Payload(b"written"))
+        assert backend._update("u/k.json", change) == b"written+"
+
+    def test_update_that_raises_writes_nothing(self, backend: LayoutStore) -> None:
+        def fail(old: bytes | None) -> bytes:
+            raise RuntimeError(f"refused {old!r}")
+
+        backend._write("u/k.json", Payload(b"before"))
+        with pytest.raises(RuntimeError, match="refused b'before'"):
+            backend._update("u/k.json", fail)
+        assert _read(backend, "u/k.json") == b"before"
+        with pytest.raises(RuntimeError, match="refused None"):
+            backend._update("u/new.json", fail)
+        assert _missing(backend, "u/new.json")
+
+    def test_update_concurrent_loses_no_update(self, backend: LayoutStore) -> None:
+        """8 threads x 10 increments of one counter: 80, each thread's own list complete."""
+
+        def add(writer: int, i: int) -> Any:
+            def change(old: bytes | None) -> bytes:
+                doc: dict[str, Any] = {"n": 0} if old is None else json.loads(old)
+                doc["n"] += 1
+                doc.setdefault(str(writer), []).append(i)
+                return json.dumps(doc).encode()
+
+            return change
+
+        def run(writer: int) -> None:
+            for i in range(10):
+                backend._update("u/counter.json", add(writer, i))
+
+        with ThreadPoolExecutor(8) as pool:
+            for future in [pool.submit(run, w) for w in range(8)]:
+                future.result()
+        doc = json.loads(_read(backend, "u/counter.json"))
+        assert doc["n"] == 80
+        assert {w: doc[str(w)] for w in range(8)} == {w: list(range(10)) for w in range(8)}
 
     # ------------------------------------------------------------------ _write_many
 
