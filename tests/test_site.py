@@ -206,7 +206,7 @@ PUBLIC = {
     "api/object_store": ["ObjectStore", "ObjectStoreError", "open_store", "Capabilities"],
     "api/layout_store": ["LayoutStore", "Problem"],
     "api/capture": ["ActivationCapture"],
-    "api/activation_dataset": ["ActivationDataset"],
+    "api/activation_dataset": ["ActivationDataset", "ActivationLoader"],
     "api/store_dataloader": ["StoreDataloader"],
     "api/copy": ["copy_store", "CopyReport"],
     "api/errors": [

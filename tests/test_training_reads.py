@@ -132,7 +132,7 @@ def test_every_row_once_and_mixed_across_stored_batches(store: Store) -> None:
 def test_shuffle_window_bounds_memory(store: Store) -> None:
     """With a buffer smaller than one stored batch, rows are shuffled within each batch only."""
     ds = ActivationDataset(store, "r", "L", batch_size=1000, shuffle=True, seed=1, shuffle_buffer_bytes=1)
-    blocks = list(ds._blocks(0, 0, 1, 0))
+    blocks = list(ds._blocks(0, ds._chunks(0, {"r": store.list_run_batches("r")}), 0, 1, 0, 1000))
     assert sorted(b.shape[0] for b in blocks) == [7, 10, 12, 12, 12]  # one window per stored batch
     for block in blocks:
         rows = sorted(int(x) for x in block[:, 0].tolist())
@@ -202,15 +202,30 @@ def test_resume_yields_exactly_the_remaining_rows(store: Store, shuffle: bool, s
     it = iter(ds)
     head = [next(it) for _ in range(stop_after)]
     state = ds.state_dict()
-    assert state["epoch"] == 2 and state["rows"] == 5 * stop_after
+    assert state["epoch"] == 2 and state["shards"] == 1 and state["rows"] == {"0": 5 * stop_after}
+    assert state["snapshot"] == {"r": [[0, 5]]}
     del it
     resumed = make()
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
     assert ids(head) + ids(list(resumed)) == full
     assert ids(list(resumed)) == full  # the next iteration is a whole epoch again
-    other = ActivationDataset(store, "r", "L", batch_size=6)
-    with pytest.raises(ValueError, match="batch_size"):
-        other.load_state_dict(state)
+    # Another batch size (a fixed global batch over other ranks) resumes with the same rows left
+    # (a batch's rows are grouped by the stored batch they come from, so only the order inside
+    # each batch can differ).
+    wider = ActivationDataset(store, "r", "L", batch_size=7, shuffle=shuffle, seed=11, shuffle_buffer_bytes=600)
+    wider.load_state_dict(state)
+    rest = ids(list(wider))
+    assert sorted(rest) == sorted(full[5 * stop_after :])
+    assert rest == full[5 * stop_after :]
+    # The form of earlier versions ({"rows": int}) still resumes.
+    legacy = {k: v for k, v in state.items() if k not in ("snapshot", "shards")} | {"rows": 5 * stop_after}
+    old = make()
+    old.load_state_dict(legacy)
+    assert ids(head) + ids(list(old)) == full
+    for changed in ({"seed": 12}, {"shuffle": not shuffle}, {"layer": "M"}):
+        other = ActivationDataset(store, "r", "L", batch_size=5, shuffle=shuffle, seed=11, shuffle_buffer_bytes=600)
+        with pytest.raises(ValueError, match=f"other settings: \\['{next(iter(changed))}'\\]"):
+            other.load_state_dict({**state, **changed})
 
 
 def test_dtype_device_and_drop_last(store: Store) -> None:

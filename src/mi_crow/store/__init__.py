@@ -13,7 +13,7 @@ from mi_crow.store._backend import Capabilities, GcReport
 from mi_crow.store._copy import CopyReport, copy_store
 from mi_crow.store._layout import LayoutStore, Problem
 from mi_crow.store._open import open_store
-from mi_crow.store.activation_dataset import ActivationDataset
+from mi_crow.store.activation_dataset import ActivationDataset, ActivationLoader
 from mi_crow.store.capture import ActivationCapture
 from mi_crow.store.errors import CorruptFileError, CorruptMetadataError, InvalidJSONError, StoreError
 from mi_crow.store.local_store import LocalStore
@@ -44,6 +44,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "ActivationCapture",
     "ActivationDataset",
+    "ActivationLoader",
     "Capabilities",
     "CopyReport",
     "CorruptFileError",

@@ -1,34 +1,50 @@
 """``ActivationDataset``: stored activations as a shuffled, sharded, resumable training stream.
 
 The rows of one layer/key across every stored batch of one or more runs are read as a stream
-of ``[batch_size, D]`` tensors. One epoch's order is a deterministic function of ``seed`` and
-the epoch:
+of ``[batch_size, D]`` tensors. One epoch's order is a deterministic function of ``seed``, the
+epoch and the epoch's snapshot:
 
-1. the stored batches ("chunks") of all runs are listed, and with ``shuffle`` permuted;
+1. the epoch's **snapshot**: the stored batches ("chunks") of every run when the epoch began
+   (``set_epoch``, or the epoch's first iteration); batches committed later (a run still being
+   captured) are read from the next epoch on. With ``shuffle`` the chunks are permuted;
 2. chunk ``i`` of that order belongs to shard ``i % shards``, where the shards are
    ``world_size`` ranks times the DataLoader workers of each (so every row is read by exactly
    one worker of one rank);
-3. each shard reads its chunks in order and groups consecutive ones into windows of at most
-   ``shuffle_buffer_bytes`` (at least one chunk); with ``shuffle`` the rows of each window
-   are permuted, which mixes rows across stored batches;
-4. the concatenated rows are cut into batches of ``batch_size`` rows; only the last of the
-   epoch may be smaller (or dropped with ``drop_last``).
+3. each shard reads its chunks in order, up to ``read_ahead`` of them fetched concurrently ahead
+   of the reader, and groups consecutive ones into windows of at most ``shuffle_buffer_bytes``
+   (at least one chunk); with ``shuffle`` the rows of each window are permuted, which mixes rows
+   across stored batches (a different permutation per window and epoch);
+4. each shard's rows are cut into batches of ``batch_size`` rows; only a shard's last batch of
+   the epoch may be smaller (or dropped with ``drop_last``), so with ``k`` DataLoader workers up
+   to ``k`` short batches come near the end of the epoch.
 
-Reading runs on a background thread that keeps up to ``prefetch`` windows ready, so the
-training step does not wait on the disk. Memory is bounded by about
-``(prefetch + 2) * shuffle_buffer_bytes``.
+Reading runs on a background thread that keeps up to ``prefetch`` batches ready, so the
+training step does not wait on the disk or the network. Memory per worker is bounded by about
+``shuffle_buffer_bytes + read_ahead * chunk + (prefetch + 3) * batch`` bytes, where ``chunk``
+is one stored batch's rows of the layer and ``batch`` one yielded batch.
+
+Positions are kept per shard, in rows: ``state_dict()`` (or :class:`ActivationLoader`'s, under
+DataLoader workers) resumes exactly, also with another number of ranks or workers.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
 import hashlib
+import json
+import os
 import queue
+import shutil
+import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mi_crow.store._names import check_layer, check_name
 from mi_crow.store.store import Store
@@ -86,17 +102,63 @@ def _touch(rows: torch.Tensor) -> None:
         rows.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
+Snapshot = dict[str, list[int]]  # run -> its stored batch indices, ascending
+# A position to resume from: the epoch's shard count, the rows each shard has yielded, and the
+# epoch's gather group (the batch size it began with: shuffled rows are gathered in groups of it).
+Resume = tuple[int, dict[int, int], int]
+
+# Settings that decide which rows an epoch yields in which order: a state_dict resumes only a
+# dataset that agrees on them (batch size, ranks and workers may differ).
+_ORDER_SETTINGS = ("run_ids", "layer", "key", "shuffle", "seed", "shuffle_buffer_bytes", "drop_padding")
+
+
+def _ranges(indices: Sequence[int]) -> list[list[int]]:
+    """Ascending indices as ``[start, stop)`` runs of consecutive numbers (a snapshot, compact)."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def _snapshot_of(ranges: Any, runs: Sequence[str], what: str) -> Snapshot:
+    """A snapshot back from its JSON form ``{run: [[start, stop], ...]}``, checked."""
+    if not isinstance(ranges, Mapping) or sorted(ranges) != sorted(runs):
+        got = sorted(ranges) if isinstance(ranges, Mapping) else type(ranges).__name__
+        raise ValueError(f"{what} must map each of the runs {sorted(runs)} to its batch ranges, got {got}")
+    out: Snapshot = {}
+    for run in runs:
+        indices: list[int] = []
+        for pair in ranges[run]:
+            ok = isinstance(pair, (list, tuple)) and len(pair) == 2
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            if not ok or not 0 <= pair[0] < pair[1] or (indices and pair[0] < indices[-1] + 1):
+                raise ValueError(f"{what}: run {run!r} has an invalid batch range {pair!r}")
+            indices.extend(range(pair[0], pair[1]))
+        out[run] = indices
+    return out
+
+
+def _remove_plans(path: str, owner: int) -> None:
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class ActivationDataset(IterableDataset[torch.Tensor]):
     """The rows of one layer/key of one or more runs, as ``[batch_size, D]`` tensors.
 
     Args:
-        store: Any :class:`~mi_crow.store.Store`; only its public API is used.
+        store: Any :class:`~mi_crow.store.Store`; only its public API is used. An
+            :class:`~mi_crow.store.ObjectStore` streams from object storage (also in DataLoader
+            workers, forked or spawned); give it a ``cache_dir`` to serve later epochs from disk.
         run_ids: A run id or a list of them.
         layer: Layer signature whose activations are read.
         key: Tensor key of the activations (``[..., D]``; ``[B, T, D]`` becomes ``[B*T, D]``).
-        batch_size: Rows per yielded tensor (the last of an epoch may have fewer).
+        batch_size: Rows per yielded tensor (a shard's last of an epoch may have fewer).
         shuffle: Shuffle chunks and, within windows of ``shuffle_buffer_bytes``, rows.
-        seed: Seed of the order; the order is a function of ``seed`` and the epoch.
+        seed: Seed of the order; the order is a function of ``seed``, the epoch and its snapshot.
         shuffle_buffer_bytes: Memory budget of one shuffle window (default 256 MiB).
         drop_padding: Drop the rows whose mask is 0; the mask is read from the same layer
             under ``mask_key``, shape ``[B, T]`` for activations ``[B, T, D]``.
@@ -104,10 +166,12 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         dtype: Convert rows to this dtype.
         device: Move batches to this device (from pinned memory when it is CUDA).
         pin_memory: Pin batches before moving them; default: when ``device`` is CUDA.
-        drop_last: Drop the last, smaller batch of an epoch.
+        drop_last: Drop each shard's last, smaller batch of an epoch.
         rank: This process's rank, for distributed training.
         world_size: Number of ranks; rank ``r`` reads the ``r``-th share of the chunks.
-        prefetch: Windows read ahead on the background thread (0: read in the caller).
+        prefetch: Batches made ready ahead on the background thread (0: read in the caller).
+        read_ahead: Stored batches fetched concurrently ahead of the reader (0: one at a time,
+            when needed). Each holds one stored batch's rows of the layer in memory.
 
     Examples:
         >>> import torch
@@ -140,6 +204,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
+        read_ahead: int = 4,
     ):
         super().__init__()
         self.run_ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
@@ -147,6 +212,8 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             raise ValueError("run_ids must name at least one run")
         for run in self.run_ids:
             check_name(run, "run_id")
+        if len(set(self.run_ids)) != len(self.run_ids):
+            raise ValueError(f"run_ids has duplicates: {self.run_ids}")
         self.layer = check_layer(layer, "layer")
         self.key = check_name(key, "key")
         self.mask_key = check_name(mask_key, "mask_key")
@@ -156,6 +223,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             ("world_size", world_size, 1),
             ("rank", rank, 0),
             ("prefetch", prefetch, 0),
+            ("read_ahead", read_ahead, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -175,18 +243,118 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         self.rank = rank
         self.world_size = world_size
         self.prefetch = prefetch
+        self.read_ahead = read_ahead
         self.epoch = 0
-        self._resume: dict[str, Any] | None = None
-        self._position: dict[str, int] = {"epoch": 0, "rows": 0}
+        self._snapshot: tuple[int, Snapshot] | None = None  # (epoch, its snapshot)
+        self._resume: Resume | None = None  # for the next iteration
+        self._state: dict[str, Any] | None = None  # where this process's last iteration got
+        # What DataLoader workers read when they start an iteration: the plan (epoch, snapshot,
+        # resume position) is written to a file by the process that made the dataset, its number
+        # put in shared memory. Persistent workers keep their copy of the dataset across epochs;
+        # this is how set_epoch and load_state_dict reach them. Slot 1 counts worker iterations.
+        self._shared = torch.zeros(2, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+        self._owner = os.getpid()
+        self._plans = tempfile.mkdtemp(prefix="mi-crow-store-plans-")  # made before any worker copies it
+        weakref.finalize(self, _remove_plans, self._plans, self._owner)
+        self._worker_mark = 0
+        self._tagged = False  # ActivationLoader's copy: yields (shard, rows, batch)
 
-    # ------------------------------------------------------------------ epochs and state
+    # ------------------------------------------------------------------ epochs, snapshots, state
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch`` for the next iteration (call it at each epoch, as with
-        ``DistributedSampler``)."""
+    def set_epoch(self, epoch: int, snapshot: Mapping[str, Any] | None = None) -> None:
+        """Use the order of ``epoch`` for the next iteration and take its snapshot (call it at each
+        epoch, as with ``DistributedSampler``; persistent DataLoader workers see it too).
+
+        Args:
+            epoch: The epoch, ``>= 0``.
+            snapshot: The batches the epoch reads, as :meth:`snapshot` returns them; default: a
+                listing taken now. When ``torch.distributed`` is initialized, the listing is rank
+                0's, sent to every rank (all ranks must call ``set_epoch``); without it, ranks
+                reading a run that is still growing should pass one snapshot to all.
+        """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        taken = _snapshot_of(snapshot, self.run_ids, "snapshot") if snapshot is not None else self._take_snapshot()
         self.epoch = epoch
+        self._snapshot = (epoch, taken)
+        self._resume = None
+        self._state = None
+        self._publish()
+
+    def snapshot(self) -> dict[str, list[list[int]]]:
+        """The stored batches of every run now, as ``{run: [[start, stop], ...]}`` index ranges
+        (JSON-serializable); with ``torch.distributed`` initialized, rank 0's (a collective call)."""
+        return {run: _ranges(indices) for run, indices in self._take_snapshot().items()}
+
+    def _take_snapshot(self) -> Snapshot:
+        dist = torch.distributed
+        if (
+            get_worker_info() is None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() == self.world_size > 1
+        ):
+            return self._broadcast_snapshot()
+        return {run: sorted(self.store.list_run_batches(run)) for run in self.run_ids}
+
+    def _broadcast_snapshot(self) -> Snapshot:
+        """Rank 0 lists the runs; every rank gets its listing (so all read the same batches)."""
+        dist = torch.distributed
+        cuda = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        data = b""
+        if dist.get_rank() == 0:
+            listing = {run: _ranges(sorted(self.store.list_run_batches(run))) for run in self.run_ids}
+            data = json.dumps(listing).encode()
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        dist.broadcast(size, 0)
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+        if data:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        buf = buf.to(device)
+        dist.broadcast(buf, 0)
+        return _snapshot_of(json.loads(bytes(buf.cpu().numpy())), self.run_ids, "the broadcast snapshot")
+
+    def _publish(self, resume: Resume | None = None) -> None:
+        """Write the next iteration's plan where this dataset's DataLoader workers read it."""
+        if os.getpid() != self._owner or get_worker_info() is not None or self._snapshot is None:
+            return
+        version = int(self._shared[0]) + 1
+        epoch, snapshot = self._snapshot
+        plan = {
+            "epoch": epoch,
+            "snapshot": {run: _ranges(indices) for run, indices in snapshot.items()},
+            "resume": None if resume is None else [resume[0], {str(s): n for s, n in resume[1].items()}, resume[2]],
+        }
+        path = os.path.join(self._plans, f"plan-{version}.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(plan, f)
+        os.replace(path + ".tmp", path)
+        self._shared[1] = 0
+        self._shared[0] = version
+
+    def _read_plan(self) -> tuple[int, Snapshot, Resume | None] | None:
+        version = int(self._shared[0])
+        if version == 0:
+            return None
+        with open(os.path.join(self._plans, f"plan-{version}.json"), encoding="utf-8") as f:
+            plan = json.load(f)
+        resume = plan["resume"]
+        return (
+            int(plan["epoch"]),
+            _snapshot_of(plan["snapshot"], self.run_ids, "plan"),
+            None
+            if resume is None
+            else (int(resume[0]), {int(s): int(n) for s, n in resume[1].items()}, int(resume[2])),
+        )
+
+    def _next_plan(self) -> tuple[int, Snapshot, Resume | None]:
+        """In the calling process: the next iteration's epoch, snapshot and resume position (the
+        position is used once)."""
+        if self._snapshot is None or self._snapshot[0] != self.epoch:
+            self._snapshot = (self.epoch, self._take_snapshot())
+        resume, self._resume = self._resume, None
+        return self.epoch, self._snapshot[1], resume
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -202,31 +370,122 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             "world_size": self.world_size,
         }
 
+    def _state_of(
+        self, epoch: int, snapshot: Snapshot | None, shards: int | None, rows: Mapping[int, int], group: int
+    ) -> dict[str, Any]:
+        return {
+            **self._config(),
+            "epoch": epoch,
+            "snapshot": None if snapshot is None else {run: _ranges(i) for run, i in snapshot.items()},
+            "shards": shards,
+            "rows": {str(s): n for s, n in sorted(rows.items())},
+            "group": group,
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        """Where the current (or last) epoch got: its number and the rows already yielded.
+        """Where the current (or last) epoch got: its number, snapshot, and the rows each shard of
+        this rank has yielded (JSON-serializable).
 
-        Exact when iterating in the training process (``num_workers=0``; reading still
-        overlaps through the prefetch thread).
-        """
-        return {**self._config(), "epoch": self._position["epoch"], "rows": self._position["rows"]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration yields exactly the rows that epoch had left, in order.
+        Exact when the dataset is iterated in this process (``num_workers=0``; reading still
+        overlaps through the prefetch thread). Under DataLoader workers only the loader sees
+        which batches were consumed: use :class:`ActivationLoader` and its ``state_dict()``.
 
         Raises:
-            ValueError: If ``state`` was taken from a dataset configured differently.
+            RuntimeError: If DataLoader workers iterated this dataset since it was last iterated here.
         """
+        if int(self._shared[1]) > self._worker_mark:
+            raise RuntimeError(
+                "this ActivationDataset was iterated by DataLoader workers, whose progress the dataset "
+                "cannot see: iterate it with mi_crow.store.ActivationLoader(dataset, num_workers=...) "
+                "and save loader.state_dict() instead"
+            )
+        if self._state is not None:
+            s = self._state
+            return self._state_of(s["epoch"], s["snapshot"], s["shards"], s["rows"], s["group"])
+        snapshot = self._snapshot[1] if self._snapshot is not None and self._snapshot[0] == self.epoch else None
+        if self._resume is None:
+            return self._state_of(self.epoch, snapshot, None, {}, self.batch_size)
+        return self._state_of(self.epoch, snapshot, *self._resume)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next iteration yields exactly the rows that epoch had left.
+
+        With the same ranks and workers the order is the uninterrupted one. With another number
+        of ranks or workers (for example a fixed global batch size over fewer ranks) each rank
+        takes over whole shards of the saved epoch: every remaining row is still read exactly once;
+        load the state of every rank merged with :meth:`merge_state_dicts`.
+
+        Raises:
+            ValueError: If ``state`` was taken from a dataset with other settings of the order
+                (runs, layer, key, shuffle, seed, shuffle_buffer_bytes, drop_padding), or is malformed.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         mine = self._config()
-        differing = sorted(k for k in mine if state.get(k) != mine[k])
+        differing = sorted(k for k in _ORDER_SETTINGS if state.get(k) != mine[k])
         if differing:
             raise ValueError(f"state_dict was taken from a dataset with other settings: {differing}")
-        self.epoch = int(state["epoch"])
-        self._resume = {"epoch": self.epoch, "rows": int(state["rows"])}
+        epoch = state.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"state_dict has an invalid epoch {epoch!r}")
+        rows_field = state.get("rows")
+        group = state.get("group", state.get("batch_size"))
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"state_dict has an invalid group {group!r}")
+        resume: Resume | None
+        if isinstance(rows_field, int) and not isinstance(rows_field, bool):
+            # The form of earlier versions: rows of this rank's one shard, iterated in-process.
+            resume = (int(state["world_size"]), {int(state["rank"]): rows_field}, group) if rows_field else None
+        else:
+            shards = state.get("shards")
+            if shards is None:
+                resume = None
+            else:
+                if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+                    raise ValueError(f"state_dict has an invalid shard count {shards!r}")
+                if not isinstance(rows_field, Mapping):
+                    raise ValueError(f"state_dict rows must map shards to rows, got {rows_field!r}")
+                rows: dict[int, int] = {}
+                for s, n in rows_field.items():
+                    shard = int(s) if isinstance(s, (int, str)) and str(s).isdigit() else -1
+                    if not 0 <= shard < shards or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                        raise ValueError(f"state_dict has an invalid position {s!r}: {n!r} (of {shards} shards)")
+                    rows[shard] = n
+                resume = (shards, rows, group)
+        snapshot = state.get("snapshot")
+        self.epoch = epoch
+        self._snapshot = (epoch, _snapshot_of(snapshot, self.run_ids, "state_dict snapshot")) if snapshot else None
+        self._resume = resume
+        self._state = None
+        self._publish(resume)
+
+    @staticmethod
+    def merge_state_dicts(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """One state from the ``state_dict()`` of every rank (each holds only its own shards), to
+        resume with another number of ranks.
+
+        Raises:
+            ValueError: If the states are of different epochs, snapshots, settings or shard counts,
+                or disagree on a shard.
+        """
+        if not states:
+            raise ValueError("merge_state_dicts needs at least one state")
+        first = states[0]
+        same = (*_ORDER_SETTINGS, "epoch", "snapshot", "shards", "group")
+        rows: dict[str, int] = {}
+        for state in states:
+            differing = sorted(k for k in same if state.get(k) != first.get(k))
+            if differing:
+                raise ValueError(f"the states differ in {differing}: they are not of one epoch of one dataset")
+            for s, n in dict(state.get("rows") or {}).items():
+                if rows.setdefault(str(s), n) != n:
+                    raise ValueError(f"the states disagree on shard {s}: {rows[str(s)]} and {n} rows")
+        return {**dict(first), "rows": dict(sorted(rows.items(), key=lambda kv: int(kv[0])))}
 
     # ------------------------------------------------------------------ reading
 
-    def _chunks(self, epoch: int) -> list[tuple[str, int]]:
-        chunks = [(run, i) for run in self.run_ids for i in self.store.list_run_batches(run)]
+    def _chunks(self, epoch: int, snapshot: Snapshot) -> list[tuple[str, int]]:
+        chunks = [(run, i) for run in self.run_ids for i in snapshot[run]]
         if self.shuffle:
             order = torch.randperm(len(chunks), generator=_generator(self.seed, epoch, "chunks")).tolist()
             chunks = [chunks[i] for i in order]
@@ -256,6 +515,41 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             rows = rows[mask.reshape(-1).to(torch.bool)]
         return rows
 
+    def _fetch(self, run: str, index: int) -> torch.Tensor:
+        """One stored batch's rows, ready to use: pages faulted in, converted when sequential."""
+        rows = self._load_rows(run, index)
+        _touch(rows)
+        if not self.shuffle and self.dtype is not None:
+            rows = rows.to(self.dtype)
+        return rows
+
+    def _fetched(self, chunks: Sequence[tuple[str, int]]) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """The rows of ``chunks`` in order, up to ``read_ahead`` of them fetched concurrently ahead."""
+        if self.read_ahead == 0:
+            for run, index in chunks:
+                yield run, index, self._fetch(run, index)
+            return
+        pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="mi-crow-store-read")
+        pending: collections.deque[tuple[str, int, Future[torch.Tensor]]] = collections.deque()
+        todo = iter(chunks)
+        try:
+            for run, index in todo:
+                pending.append((run, index, pool.submit(self._fetch, run, index)))
+                if len(pending) >= self.read_ahead:
+                    break
+            while pending:
+                run, index, future = pending.popleft()
+                rows = future.result()
+                for nxt_run, nxt_index in todo:
+                    pending.append((nxt_run, nxt_index, pool.submit(self._fetch, nxt_run, nxt_index)))
+                    break
+                yield run, index, rows
+                del rows
+        finally:
+            for *_, future in pending:
+                future.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def _checked(self, rows: torch.Tensor, first: torch.Tensor | None, run: str, index: int) -> torch.Tensor:
         if first is not None and rows.shape[1:] != first.shape[1:]:
             raise ValueError(
@@ -264,33 +558,34 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             )
         return rows
 
-    def _blocks(self, epoch: int, shard: int, shards: int, skip: int) -> Iterator[torch.Tensor]:
+    def _blocks(
+        self, epoch: int, chunks: Sequence[tuple[str, int]], shard: int, shards: int, skip: int, group: int
+    ) -> Iterator[torch.Tensor]:
         """The shard's row stream, as consecutive blocks of rows, without its first ``skip`` rows.
 
         Sequential: each stored batch's rows as they come back from the store (memory-mapped by
-        LocalStore: no copy; their pages are faulted in here, on the prefetch thread).
+        LocalStore: no copy; their pages are faulted in by the fetching threads).
         Shuffled: windows of stored batches up to ``shuffle_buffer_bytes``; each window's rows
-        are permuted and gathered straight into blocks of ``batch_size`` rows (no window-sized
-        copy is ever made).
+        are permuted and gathered straight into blocks of ``group`` rows (no window-sized copy is
+        ever made); ``group`` is the batch size the epoch began with, so that the stream, and where
+        a position in it is, stays the same when an epoch is resumed with another batch size.
         """
-        chunks = self._chunks(epoch)[shard::shards]
         first: torch.Tensor | None = None
         if not self.shuffle:
-            for run, index in chunks:
-                rows = self._checked(self._load_rows(run, index), first, run, index)
+            for run, index, rows in self._fetched(chunks):
+                rows = self._checked(rows, first, run, index)
                 first = rows if first is None else first
                 if skip >= rows.shape[0]:
                     skip -= rows.shape[0]
                     continue
                 rows, skip = rows[skip:], 0
-                _touch(rows)
-                yield rows if self.dtype is None else rows.to(self.dtype)
+                yield rows
             return
         window: list[torch.Tensor] = []
         size = number = 0
         pool = _BufferPool(self.prefetch + 3)
-        for position, (run, index) in enumerate(chunks):
-            rows = self._checked(self._load_rows(run, index), first, run, index)
+        for position, (run, index, rows) in enumerate(self._fetched(chunks)):
+            rows = self._checked(rows, first, run, index)
             first = rows if first is None else first
             window.append(rows)
             size += rows.numel() * rows.element_size()
@@ -302,16 +597,16 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 skip -= n
             else:
                 order = torch.randperm(n, generator=_generator(self.seed, epoch, shard, shards, number))
-                yield from self._gather(window, order, skip, pool)
+                yield from self._gather(window, order, skip, pool, group)
                 skip = 0
             window, size = [], 0
 
     def _gather(
-        self, window: list[torch.Tensor], order: torch.Tensor, skip: int, pool: _BufferPool
+        self, window: list[torch.Tensor], order: torch.Tensor, skip: int, pool: _BufferPool, group: int
     ) -> Iterator[torch.Tensor]:
-        """Rows ``order`` of the window's concatenation, ``batch_size`` at a time, less the first ``skip``.
+        """Rows ``order`` of the window's concatenation, ``group`` at a time, less the first ``skip``.
 
-        Each batch holds the rows ``order[i:i + batch_size]``, grouped by the stored batch they
+        Each block holds the rows ``order[i:i + group]``, grouped by the stored batch they
         come from (so each row is copied once, straight into the output); which rows form a
         batch is what the permutation decides.
         """
@@ -319,8 +614,8 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         ends = sizes.cumsum(0)
         starts = ends - sizes
         dtype = self.dtype or window[0].dtype
-        for i in range(skip - skip % self.batch_size, order.shape[0], self.batch_size):
-            wanted = order[i : i + self.batch_size]
+        for i in range(skip - skip % group, order.shape[0], group):
+            wanted = order[i : i + group]
             which = torch.searchsorted(ends, wanted, right=True)
             by_chunk = torch.argsort(which, stable=True)
             wanted, which = wanted[by_chunk], which[by_chunk]
@@ -405,18 +700,134 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         """One epoch (``set_epoch`` chooses which) of this rank's and worker's rows."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        shard, shards = self.rank * workers + worker, self.world_size * workers
-        epoch = self.epoch
-        skip = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            skip = self._resume["rows"]
-        self._resume = None
-        self._position = {"epoch": epoch, "rows": skip}
-        return self._iterate(epoch, shard, shards, skip)
+        here, total = self.rank * workers + worker, self.world_size * workers
+        plan = self._read_plan() if info is not None else None
+        if info is not None and not self._tagged:  # a plain DataLoader's worker: its progress is unseen
+            self._shared[1] += 1  # not exact under races between workers; only compared with a mark
+        if plan is None:
+            resumed = self._resume is not None
+            plan = self._next_plan()
+            if resumed and info is None:
+                self._publish()  # the position was used: workers started later begin the epoch
+        epoch, snapshot, resume = plan
+        shards, rows, group = resume if resume is not None else (total, {}, self.batch_size)
+        mine = [s for s in range(shards) if s % total == here]
+        missing = [s for s in mine if resume is not None and s not in rows]
+        if missing:
+            raise ValueError(
+                f"the loaded state_dict has no position for shards {missing} of {shards}: it holds other ranks' "
+                "shards; load the states of every rank merged with ActivationDataset.merge_state_dicts"
+            )
+        positions = {s: rows.get(s, 0) for s in mine}
+        if info is None:
+            self._state = {"epoch": epoch, "snapshot": snapshot, "shards": shards, "rows": positions, "group": group}
+            self._worker_mark = int(self._shared[1])
+        return self._iterate(epoch, self._chunks(epoch, snapshot), shards, positions, group, self._tagged)
 
-    def _iterate(self, epoch: int, shard: int, shards: int, skip: int) -> Iterator[torch.Tensor]:
-        for batch in self._batches(self._prefetched(self._blocks(epoch, shard, shards, skip))):
-            self._position["rows"] += batch.shape[0]
-            if self.device is not None:
-                batch = batch.to(self.device, non_blocking=self.pin_memory)
+    def _iterate(
+        self,
+        epoch: int,
+        chunks: list[tuple[str, int]],
+        shards: int,
+        positions: dict[int, int],
+        group: int,
+        tagged: bool,
+    ) -> Iterator[Any]:
+        # Several shards in one iterator only when resuming with fewer ranks or workers than the
+        # state was taken with: each is read to its end, in turn.
+        for shard in list(positions):
+            blocks = self._blocks(epoch, chunks[shard::shards], shard, shards, positions[shard], group)
+            for batch in self._batches(self._prefetched(blocks)):
+                positions[shard] += batch.shape[0]
+                if self.device is not None:
+                    batch = batch.to(self.device, non_blocking=self.pin_memory)
+                yield (shard, positions[shard], batch) if tagged else batch
+
+
+class ActivationLoader(DataLoader):  # type: ignore[type-arg]
+    """A ``torch.utils.data.DataLoader`` over an :class:`ActivationDataset` whose
+    ``state_dict()`` is exact under workers (as torchdata's ``StatefulDataLoader``).
+
+    The dataset's own batches are passed through (``batch_size=None``); each worker reads its
+    shards, and the loader records, for every batch it hands out, how far its shard got. So a
+    checkpoint taken at any step resumes exactly, with ``num_workers=k``, persistent workers,
+    and another number of ranks or workers (see :meth:`ActivationDataset.load_state_dict`).
+
+    Args:
+        dataset: The dataset; ``set_epoch``/``load_state_dict`` may be called on it or here.
+        num_workers: DataLoader worker processes (0: read in this process).
+        **kwargs: Other ``DataLoader`` arguments (``pin_memory``, ``persistent_workers``,
+            ``prefetch_factor``, ``multiprocessing_context``, ``timeout``, ``worker_init_fn``...);
+            not ``batch_size``, ``shuffle``, ``sampler`` or ``collate_fn`` (the dataset batches
+            and orders its rows).
+
+    Examples:
+        >>> import torch
+        >>> from mi_crow.store import ActivationDataset, ActivationLoader, MemoryStore
+        >>> store = MemoryStore()
+        >>> for i in range(4):
+        ...     _ = store.put_detector_metadata("r", i, {}, {"l": {"activations": torch.randn(8, 16)}})
+        >>> loader = ActivationLoader(ActivationDataset(store, "r", "l", batch_size=4, shuffle=True))
+        >>> first = next(iter(loader))
+        >>> state = loader.state_dict()     # save it with the checkpoint
+        >>> state["rows"]
+        {'0': 4}
+    """
+
+    def __init__(self, dataset: ActivationDataset, num_workers: int = 0, **kwargs: Any):
+        if not isinstance(dataset, ActivationDataset):
+            raise TypeError(f"ActivationLoader needs an ActivationDataset, got {type(dataset).__name__}")
+        for name in ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last"):
+            if name in kwargs:
+                raise ValueError(
+                    f"ActivationLoader takes no {name}=: the dataset makes its batches (set batch_size, shuffle, "
+                    "drop_last on the ActivationDataset)"
+                )
+        # The workers get a copy that reports its shard's position with every batch; it shares
+        # the plans (and their shared memory) with ``dataset``, where epochs and states are set.
+        worker_copy = copy.copy(dataset)
+        worker_copy._tagged = True
+        super().__init__(worker_copy, batch_size=None, num_workers=num_workers, **kwargs)
+        self.source = dataset
+        self._position: dict[str, Any] | None = None
+
+    def set_epoch(self, epoch: int, snapshot: Mapping[str, Any] | None = None) -> None:
+        """:meth:`ActivationDataset.set_epoch`."""
+        self.source.set_epoch(epoch, snapshot)
+        self._position = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        ds, copy_ = self.source, self.dataset
+        assert isinstance(copy_, ActivationDataset)
+        epoch, snapshot, resume = ds._next_plan()
+        ds._publish(resume)  # what the workers read when they start this iteration
+        copy_.epoch, copy_._snapshot, copy_._resume = epoch, (epoch, snapshot), resume  # read here with 0 workers
+        workers = max(1, self.num_workers)
+        total = ds.world_size * workers
+        shards, rows, group = resume if resume is not None else (total, {}, ds.batch_size)
+        mine = range(ds.rank * workers, (ds.rank + 1) * workers)
+        positions = {s: rows.get(s, 0) for s in range(shards) if s % total in mine}
+        self._position = {"epoch": epoch, "snapshot": snapshot, "shards": shards, "rows": positions, "group": group}
+        return self._track(super().__iter__(), positions)
+
+    @staticmethod
+    def _track(batches: Iterator[Any], positions: dict[int, int]) -> Iterator[torch.Tensor]:
+        for shard, rows, batch in batches:
+            positions[shard] = rows
             yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank got in the current epoch, in the form of :meth:`ActivationDataset.state_dict`
+        (exact at every step, whatever ``num_workers``)."""
+        if self._position is None:
+            state = self.source.state_dict() if int(self.source._shared[1]) == 0 else None
+            if state is not None:
+                return state
+            return self.source._state_of(self.source.epoch, None, None, {}, self.source.batch_size)
+        p = self._position
+        return self.source._state_of(p["epoch"], p["snapshot"], p["shards"], p["rows"], p["group"])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """:meth:`ActivationDataset.load_state_dict`: the next iteration resumes there."""
+        self.source.load_state_dict(state)
+        self._position = None
