@@ -265,3 +265,114 @@ def capturer(root: str, log: str, first: int) -> None:
         for i in range(cap.next_batch, cap.next_batch + 100_000):
             model(capture_input(i))
             log_line(log, str(i))
+
+
+# ---------------------------------------------------------------------- capture from many processes
+
+RANK_RUN = "ranks"
+RANK_LAYERS = ["0", "2"]
+
+
+def rank_model() -> torch.nn.Module:
+    """A model whose weights and inputs are small integers: every activation is an exact integer
+    in float32, whatever the BLAS, the thread count or the order of the sums."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.copy_((torch.arange(p.numel()).reshape(p.shape) * (3 + i)) % 7 - 3)
+    return model.eval()
+
+
+def rank_input(g: int) -> torch.Tensor:
+    """The input of global batch ``g``: 2 x (1 + g % 5) tokens x 8 features, small integers."""
+    seq = 1 + g % 5
+    return ((torch.arange(2 * seq * 8).reshape(2, seq, 8) + 7 * g) % 11 - 5).float()
+
+
+def rank_tokens(g: int) -> int:
+    return 2 * (1 + g % 5)
+
+
+def rank_capturer(root: str, log: str, rank: int, world: int, total: int, from_env: bool) -> None:
+    """Capture this rank's share of the global batches ``0..total-1`` into run ``RANK_RUN``.
+
+    Logs ``enter NEXT COMPLETED RANK WORLD`` once the capture is entered, then each global batch
+    ``g`` after its forward call, and ``done`` after the capture closed. It skips the first
+    ``cap.completed`` of its own inputs (its share already stored) and checks that each input goes
+    to index ``g``. ``from_env``: rank and world size come from ``RANK``/``WORLD_SIZE``.
+    """
+    from mi_crow.store import ActivationCapture
+
+    try:
+        model = rank_model()
+        store = open_root(root)
+        kwargs: dict[str, Any] = {}
+        if from_env:
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+        else:
+            kwargs = {"rank": rank, "world_size": world}
+        with ActivationCapture(model, store, RANK_RUN, RANK_LAYERS, **kwargs) as cap, torch.no_grad():
+            log_line(log, f"enter {cap.next_batch} {cap.completed} {cap.rank} {cap.world_size}")
+            for g in range(rank, total, world)[cap.completed :]:
+                if cap.next_batch != g:
+                    raise AssertionError(f"rank {rank}: input of batch {g} would be stored at {cap.next_batch}")
+                model(rank_input(g))
+                log_line(log, str(g))
+        log_line(log, "done")
+    except BaseException:
+        log_error(log)
+        raise
+
+
+def dist_capturer(root: str, log: str, rank: int, world: int, total: int, init_file: str) -> None:
+    """:func:`rank_capturer` with no rank given, inside an initialized ``torch.distributed`` group
+    (gloo, file rendezvous) while ``RANK``/``WORLD_SIZE`` hold values that would be refused: the
+    group's rank and size win."""
+    import torch.distributed as dist
+
+    from mi_crow.store import ActivationCapture
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = "not-a-rank", "not-a-size"
+        model = rank_model()
+        store = open_root(root)
+        with ActivationCapture(model, store, RANK_RUN, RANK_LAYERS) as cap, torch.no_grad():
+            log_line(log, f"enter {cap.next_batch} {cap.completed} {cap.rank} {cap.world_size}")
+            for g in range(rank, total, world)[cap.completed :]:
+                model(rank_input(g))
+                log_line(log, str(g))
+        dist.barrier()
+        dist.destroy_process_group()
+        log_line(log, "done")
+    except BaseException:
+        log_error(log)
+        raise
+
+
+def metadata_updater(root: str, writer: int, count: int) -> None:
+    """``count`` conditional updates of run ``shared``: a shared counter, and this writer's own list."""
+    store = open_root(root)
+    for i in range(count):
+        store.update_run_metadata(
+            "shared", lambda m, i=i: {**m, "count": m.get("count", 0) + 1, f"w{writer}": [*m.get(f"w{writer}", []), i]}
+        )
+
+
+def update_holder(root: str, log: str) -> None:
+    """Start an ``update_run_metadata`` of run ``r`` whose update function logs ``inside`` and never
+    returns (until this process is killed)."""
+    import threading
+
+    store = open_root(root)
+
+    def hold(meta: dict[str, Any]) -> dict[str, Any]:
+        log_line(log, "inside " + json.dumps(meta))
+        threading.Event().wait()
+        return meta
+
+    try:
+        store.update_run_metadata("r", hold)
+    except BaseException:
+        log_error(log)
+        raise
