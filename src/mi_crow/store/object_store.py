@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -27,6 +28,7 @@ from typing import Any, BinaryIO, ContextManager, cast
 
 from mi_crow.store import _keys, _multipart
 from mi_crow.store._backend import Capabilities, GcReport, ObjectInfo, ObjectReplaced
+from mi_crow.store._cache import DEFAULT_CACHE_BYTES, DiskCache
 from mi_crow.store._commit import read_generation
 from mi_crow.store._layout import LayoutStore
 from mi_crow.store._names import check_name
@@ -37,6 +39,8 @@ try:
     import obstore
     from obstore.exceptions import AlreadyExistsError, PreconditionError
     from obstore.store import S3Store
+
+    from mi_crow.store import _s3_proxy  # imports obstore
 except ImportError as e:  # pragma: no cover - the s3 extra is installed wherever this is tested
     raise ImportError("ObjectStore needs obstore: pip install 'mi-crow-store[s3]' (it installs obstore==0.12.1)") from e
 
@@ -57,19 +61,49 @@ _probed: dict[tuple[str, str, str], bool] = {}
 _probe_lock = threading.Lock()
 
 # obstore cannot be used in a process forked from one that used it (measured with 0.12.1: the
-# child hangs, even with a fresh client, and the parent can crash). Refuse with a clear error
-# rather than hang; DataLoader workers must be started with spawn or forkserver.
+# child hangs, even with a fresh client, and the parent can crash). In such a process every
+# obstore call of every store goes to a helper process instead (_s3_proxy), which DataLoader's
+# forked workers then use. "Used": a store of this process made a client, or obstore's runtime
+# threads run (anyone's use of obstore), or the process itself forwards its calls.
 _used_in_pid: int | None = None
 _forked_after_use = False
+_fork_needs_helper = False
+_stores: weakref.WeakSet[ObjectStore] = weakref.WeakSet()
+# What a forked child inherited of its parent's clients and pools: kept, never dropped, since
+# finalizing an obstore client in the child can hang as using it does.
+_inherited: list[Any] = []
+
+
+def _obstore_running() -> bool:
+    """Whether obstore's runtime (tokio) has threads in this process (Linux; ``False`` elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm", "rb") as f:
+                if f.read().startswith(b"tokio"):
+                    return True
+        except OSError:
+            continue  # a thread that just ended
+    return False
+
+
+def _before_fork() -> None:
+    global _fork_needs_helper
+    _fork_needs_helper = _forked_after_use or _used_in_pid is not None or _obstore_running()
 
 
 def _after_fork_in_child() -> None:
-    global _forked_after_use
-    if _used_in_pid is not None:
-        _forked_after_use = True
+    global _forked_after_use, _probe_lock
+    _forked_after_use = _fork_needs_helper
+    _probe_lock = threading.Lock()  # another thread may have held it at the fork
+    for store in list(_stores):
+        store._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 class ObjectStoreError(StoreError, OSError):
@@ -176,8 +210,19 @@ class ObjectStore(LayoutStore):
 
     ``base_path`` only names the URL (the ``Store`` contract types it as a ``Path``): code that
     writes files under it itself, such as mi_crow 1.0's ``SaeTrainer`` or its dataset saving,
-    needs a ``LocalStore``. Not usable in a process forked after obstore was used (obstore
-    hangs there): start DataLoader workers with ``multiprocessing_context="spawn"``.
+    needs a ``LocalStore``.
+
+    Works in DataLoader workers however they are started. obstore itself hangs in a process
+    forked after it was used (DataLoader's default on Linux, once the script has read from a
+    store): there the store sends its requests to one helper process per forked process
+    (started on first use with a fresh interpreter, without torch; it exits with that process).
+    Spawned workers receive the store pickled, without its connections.
+
+    With ``cache_dir``, objects that are never rewritten (a batch's or model's tensor files, in
+    their generation folders) are kept on local disk after their first read, up to
+    ``cache_bytes``, least recently used first out; later reads (the next epoch of an
+    :class:`~mi_crow.store.ActivationDataset`) map them from there. Run metadata, commits,
+    appends and files at mi_crow's own paths are always read from the server.
 
     Examples:
         >>> from mi_crow.store import ObjectStore
@@ -209,6 +254,8 @@ class ObjectStore(LayoutStore):
         verify: bool = False,
         checksums: bool = True,
         allow_nan: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         """Open the store at the URL ``base_path``; nothing is requested from the server until first used.
 
@@ -238,12 +285,25 @@ class ObjectStore(LayoutStore):
             verify: As for ``LocalStore``.
             checksums: As for ``LocalStore``.
             allow_nan: As for ``LocalStore``.
+            cache_dir: A local directory (created if missing) to keep immutable objects in after
+                their first read: a batch's and a model's tensor files. Processes on one machine
+                (DataLoader workers, ranks) may share it. Default: no cache.
+            cache_bytes: The cache's budget in bytes (default 10 GiB): after each insertion the
+                least recently read files are removed until the cache holds at most this much.
+                Objects larger than the budget are not cached.
+
+        Raises:
+            ValueError: For a bad URL, ``max_concurrency``, ``cache_dir`` (not a directory, or
+                one that cannot be created) or ``cache_bytes`` (not an int >= 1).
         """
         if not isinstance(base_path, str):
             raise ValueError(f"base_path must be a URL string s3://bucket/prefix, got {type(base_path).__name__}")
         bucket, prefix = _parse_url(base_path)
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+        cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        if cache is None:
+            DiskCache.check_budget(cache_bytes)
         super().__init__(
             Path(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"),
             runs_prefix,
@@ -274,9 +334,11 @@ class ObjectStore(LayoutStore):
         self._config = settings
         self._client_options = options
         self._retry_config = dict(retry_config) if retry_config is not None else None
+        self._cache = cache
         self._client_obj: S3Store | None = None
         self._pool_obj: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        _stores.add(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -288,24 +350,40 @@ class ObjectStore(LayoutStore):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.Lock()
+        _stores.add(self)
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"
 
     # ------------------------------------------------------------------ client
 
-    def _refuse_after_fork(self) -> None:
+    def _after_fork(self) -> None:
+        """In a forked child: a lock, a pool and no client of its own (the parent's pool has no
+        threads here; its client is kept but never used: the helper process makes the calls)."""
+        _inherited.extend(obj for obj in (self._client_obj, self._pool_obj) if obj is not None)
+        self._client_obj = None
+        self._pool_obj = None
+        self._lock = threading.Lock()
+
+    def _helper_config(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "config": self._config,
+            "client_options": self._client_options,
+            "retry_config": self._retry_config,
+        }
+
+    def _invoke(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(client, *args, **kwargs)`` for an obstore function ``fn``: every request of the
+        store goes through here. In a process forked after obstore was used, the helper process
+        makes it (:mod:`mi_crow.store._s3_proxy`) and the result has the same shape."""
         if _forked_after_use:
-            raise ObjectStoreError(
-                f"{self.url}: obstore cannot be used in a process forked from one that used it (it hangs); "
-                "start worker processes with the 'spawn' or 'forkserver' method "
-                "(DataLoader(..., multiprocessing_context='spawn'))"
-            )
+            return _s3_proxy.call(self._helper_config(), fn.__name__, args, kwargs)
+        return fn(self._client, *args, **kwargs)
 
     @property
     def _client(self) -> S3Store:
         global _used_in_pid
-        self._refuse_after_fork()
         with self._lock:
             if self._client_obj is None:
                 kwargs: dict[str, Any] = dict(self._config)
@@ -319,8 +397,7 @@ class ObjectStore(LayoutStore):
 
     @property
     def _pool(self) -> ThreadPoolExecutor:
-        # A pool inherited through fork has no threads in the child: refuse before queueing on it.
-        self._refuse_after_fork()
+        # A forked child starts a pool of its own (_after_fork drops the parent's, which has no threads there).
         with self._lock:
             if self._pool_obj is None:
                 self._pool_obj = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="mi-crow-store-s3")
@@ -335,6 +412,15 @@ class ObjectStore(LayoutStore):
 
     def _where(self, key: str) -> str:
         return f"{self.url}/{key}" if key else self.url
+
+    def _endpoint(self) -> str:
+        """The server's URL, as the client resolves it (``"aws"`` for AWS itself)."""
+        return str(
+            self._config.get("endpoint")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or "aws"
+        )
 
     @contextlib.contextmanager
     def _errors(self, key: str, *, empty_without_bucket: bool = False) -> Iterator[None]:
@@ -356,7 +442,7 @@ class ObjectStore(LayoutStore):
         errors as :meth:`_errors` says."""
         try:
             with self._errors(key):
-                return fn(self._client, self._full(key), *args, **kwargs)
+                return self._invoke(fn, self._full(key), *args, **kwargs)
         except FileNotFoundError:
             raise FileNotFoundError(f"no object {self._where(key)}") from None
 
@@ -366,12 +452,7 @@ class ObjectStore(LayoutStore):
         """Once per process and server: refuse to write where ``If-None-Match: *`` is not honoured."""
         if self.single_writer:
             return
-        endpoint = str(
-            self._config.get("endpoint")
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or "aws"
-        )
+        endpoint = self._endpoint()
         # Per server and bucket, and per client setting: a client told not to use conditional PUT
         # (config or AWS_CONDITIONAL_PUT) is checked on its own.
         setting = str(self._config.get("conditional_put") or os.environ.get("AWS_CONDITIONAL_PUT") or "")
@@ -511,6 +592,9 @@ class ObjectStore(LayoutStore):
         return cast(ContextManager[BinaryIO], self._open_object(key))
 
     def _open_object(self, key: str) -> _ObjectFile:
+        cached = self._cached(key)
+        if cached is not None:
+            return _ObjectFile(self, key, cached, len(cached), None)
         try:
             got = self._call(obstore.get, key, options={"range": (0, PREFETCH)})
         except ObjectStoreError as e:
@@ -522,9 +606,29 @@ class ObjectStore(LayoutStore):
         return _ObjectFile(self, key, head, int(meta["size"]), meta.get("e_tag"))
 
     def _open_whole(self, key: str) -> ContextManager[BinaryIO]:
+        data, etag = self._get_whole(key)
+        return cast(ContextManager[BinaryIO], _ObjectFile(self, key, data, len(data), etag))
+
+    def _get_whole(self, key: str) -> tuple[memoryview, str | None]:
+        """The whole object ``key`` and its ETag: from the cache where it may be (an immutable
+        object), else with one GET (then kept in the cache)."""
+        cached = self._cached(key)
+        if cached is not None:
+            return cached, None
         got = self._call(obstore.get, key)
         data = memoryview(got.bytes())
-        return cast(ContextManager[BinaryIO], _ObjectFile(self, key, data, len(data), got.meta.get("e_tag")))
+        if self._cache is not None and _cacheable(key):
+            self._cache.put(self._cache_ident(key), data)
+        return data, got.meta.get("e_tag")
+
+    def _cached(self, key: str) -> memoryview | None:
+        """``key`` from the cache: ``None`` without a cache, for a mutable object, or on a miss."""
+        if self._cache is None or not _cacheable(key):
+            return None
+        return self._cache.get(self._cache_ident(key))
+
+    def _cache_ident(self, key: str) -> str:
+        return f"{self._endpoint()}\n{self.bucket}\n{self._full(key)}"
 
     def _exists(self, key: str) -> bool:
         try:
@@ -536,7 +640,7 @@ class ObjectStore(LayoutStore):
     def _read_many(self, keys: Sequence[str]) -> dict[str, bytes | memoryview]:
         def fetch(key: str) -> memoryview | None:
             try:
-                return memoryview(self._call(obstore.get, key).bytes())
+                return self._get_whole(key)[0]
             except FileNotFoundError:
                 return None
 
@@ -553,7 +657,7 @@ class ObjectStore(LayoutStore):
         full = self._full(key)
         listed = None
         with self._errors(key, empty_without_bucket=True):
-            listed = obstore.list_with_delimiter(self._client, full or None)
+            listed = self._invoke(obstore.list_with_delimiter, full or None)
         if listed is None:
             return []
         # An emptied folder can also list as a 0-byte object named like the folder (SeaweedFS).
@@ -573,7 +677,7 @@ class ObjectStore(LayoutStore):
 
     def _has_objects(self, key: str) -> bool:
         with self._errors(key, empty_without_bucket=True):
-            for chunk in obstore.list(self._client, self._full(key), chunk_size=1):
+            for chunk in self._invoke(obstore.list, self._full(key), chunk_size=1):
                 if chunk:
                     return True
         return False
@@ -582,7 +686,7 @@ class ObjectStore(LayoutStore):
         full = self._full(key)
         offset = None if not after else _keys.join(full, start) if (start := _start_after(after)) else None
         with self._errors(key, empty_without_bucket=True):
-            for chunk in obstore.list(self._client, full or None, offset=offset, chunk_size=1000):
+            for chunk in self._invoke(obstore.list, full or None, offset=offset, chunk_size=1000):
                 for o in chunk:
                     rel = self._rel(o["path"], full)
                     if after is None or rel > after:  # code-point order is UTF-8 byte order
@@ -616,7 +720,7 @@ class ObjectStore(LayoutStore):
         for i in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
             chunk = [self._full(k) for k in keys[i : i + 1000]]
             with self._errors(key), contextlib.suppress(FileNotFoundError):
-                obstore.delete(self._client, chunk)
+                self._invoke(obstore.delete, chunk)
 
     # ------------------------------------------------------------------ mi_crow's local paths
 
@@ -746,6 +850,12 @@ class ObjectStore(LayoutStore):
 
 def _in_generation_folder(key: str) -> bool:
     return any(_keys.generation_of(part) is not None for part in key.split("/"))
+
+
+def _cacheable(key: str) -> bool:
+    """Whether ``key`` is never rewritten: a tensor file in a generation folder (written once under
+    a name never used again); everything else may be overwritten."""
+    return key.endswith(_keys.SUFFIX) and _in_generation_folder(key)
 
 
 def _start_after(after: str) -> str | None:
