@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import multiprocessing
 import os
 import shlex
@@ -80,12 +81,46 @@ WORKER_TIMEOUT_S = 300
 
 # (check, measured, target, met) for the summary table.
 SUMMARY: list[list[Any]] = []
+# Epochs that read wrong rows: what the check found.
+WRONG: list[str] = []
 
 
 def checksum(t: torch.Tensor) -> int:
     """The sum modulo 2**64 of ``t``'s bytes read as uint64: exact and independent of row order."""
     data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     return int(data.view(np.uint64).sum(dtype=np.uint64))
+
+
+def fingerprints(t: torch.Tensor) -> np.ndarray:
+    """The first 8 bytes of each row, as uint64 (unique per row of random data): to tell, where a
+    checksum is wrong, which rows were missing, doubled or never written."""
+    rows = t.contiguous().view(torch.uint8).numpy().reshape(t.shape[0], -1)
+    return rows[:, :8].copy().view(np.uint64).ravel()
+
+
+def diagnose(got: np.ndarray, expected: np.ndarray) -> str:
+    """What a wrong epoch read: rows missing, read twice, or of no stored batch (by stored batch)."""
+    rows_per = SHAPE[0] * SHAPE[1]
+    order = np.argsort(expected)
+    exp_sorted = expected[order]
+    values, counts = np.unique(got, return_counts=True)
+    pos = np.clip(np.searchsorted(exp_sorted, values), 0, len(exp_sorted) - 1)
+    known = exp_sorted[pos] == values
+    seen = np.zeros(len(expected), dtype=np.int64)
+    seen[order[pos[known]]] = counts[known]
+    missing = np.flatnonzero(seen == 0)
+    doubled = np.flatnonzero(seen > 1)
+
+    def by_batch(rows: np.ndarray) -> str:
+        b, c = np.unique(rows // rows_per, return_counts=True)
+        return ", ".join(f"{int(i)}: {int(n)}" for i, n in zip(b[:12], c[:12], strict=True)) + (
+            " ..." if len(b) > 12 else ""
+        )
+
+    return (
+        f"{len(missing)} rows missing (by stored batch: {by_batch(missing)}); {len(doubled)} read more than once"
+        f" ({by_batch(doubled)}); {int(counts[~known].sum())} rows of no stored batch"
+    )
 
 
 def add_checks(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -141,7 +176,7 @@ def _optimize(conn: Any, spec: dict[str, Any], n: int, log: str) -> None:
             fn=litdata_rows,
             inputs=list(range(n)),
             output_dir=f"s3://{spec['bucket']}/{LIT_PREFIX}",
-            num_workers=os.cpu_count() or 1,
+            num_workers=1,  # one writer: the same chunks every run (2 split the items by timing)
             chunk_bytes=LIT_CHUNK_BYTES,
             storage_options=spec["litdata_options"],
             mode="overwrite",
@@ -200,22 +235,29 @@ class Driver:
         first = None
         check = (0, 0)
         stopped = False
+        prints = []
         loader = make()
-        for b in loader:
-            if first is None:
-                first = time.perf_counter() - t0
-            if view is not None:
-                b = b.view(view)
-            check = add_checks(check, (b.shape[0], checksum(b)))
-            if cap is not None and time.perf_counter() - t0 > cap:
-                stopped = True
-                break
+        try:
+            for b in loader:
+                if first is None:
+                    first = time.perf_counter() - t0
+                if view is not None:
+                    b = b.view(view)
+                check = add_checks(check, (b.shape[0], checksum(b)))
+                prints.append(fingerprints(b))
+                if cap is not None and time.perf_counter() - t0 > cap:
+                    stopped = True
+                    break
+        except RuntimeError as e:  # DataLoader(timeout=cap): no batch came from a worker for that long
+            if cap is None or "timed out" not in str(e):
+                raise
+            stopped = True
         seconds = time.perf_counter() - t0
         if stopped:  # its workers are shut down now, untimed
-            del loader, b
+            del loader
             gc.collect()
         out = {"seconds": seconds, "first": first or 0.0, "rows": check[0], "sum": check[1], "stopped": stopped}
-        return out | {"cap": cap}
+        return out | {"cap": cap, "fingerprints": np.concatenate(prints).tobytes() if prints else b""}
 
     def raw(self, in_flight: int) -> dict[str, Any]:
         import obstore
@@ -317,7 +359,8 @@ class Driver:
                 shuffle=shuffle,
                 storage_options=self.spec["litdata_options"],
             )
-            kwargs: dict[str, Any] = {"timeout": WORKER_TIMEOUT_S} if workers else {}
+            # A worker that hands no batch for cap seconds stops the epoch (consume() catches it).
+            kwargs: dict[str, Any] = {"timeout": self.spec["litdata_cap"]} if workers else {}
             return litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=workers, **kwargs)
 
         try:
@@ -422,10 +465,13 @@ def extra_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-litdata", action="store_true", help="leave litdata out")
     p.add_argument(
+        "--only", default=None, help="run only the readers whose names contain one of these comma-separated texts"
+    )
+    p.add_argument(
         "--litdata-cap",
         type=float,
         default=None,
-        help="stop a litdata epoch after this many seconds, its rate measured on what it read (default 60; 5 quick)",
+        help="stop a litdata epoch after this many seconds; its rate is that of what it read (default 60; 2 quick)",
     )
 
 
@@ -466,7 +512,7 @@ def started(ctx: Any, spec: dict[str, Any], kinds: list[str]) -> Iterator[dict[s
                 proc.join(10)
 
 
-def write_run(spec: dict[str, Any], n: int) -> tuple[tuple[int, int], float, list[str]]:
+def write_run(spec: dict[str, Any], n: int) -> tuple[tuple[int, int], float, list[str], np.ndarray]:
     """Write the run with ObjectStore; (rows, checksum) of what was written, the seconds it took, and
     the object keys of its tensor files (listed: the ``.g{gen}/`` folder each batch's commit names)."""
     import obstore
@@ -477,10 +523,12 @@ def write_run(spec: dict[str, Any], n: int) -> tuple[tuple[int, int], float, lis
     store = ObjectStore(f"s3://{spec['bucket']}/{PREFIX}", config=spec["config"], client_options=spec["options"])
     t0 = time.perf_counter()
     expected = (0, 0)
+    prints = []
     for i in range(n):
         t = batch_tensor(i)
         store.put_detector_metadata(RUN, i, {"i": i}, {LAYER: {KEY: t}})
         expected = add_checks(expected, (t.numel() // SHAPE[-1], checksum(t)))
+        prints.append(fingerprints(t.reshape(-1, SHAPE[-1])))
     write_s = time.perf_counter() - t0
     client = S3Store(spec["bucket"], config=spec["config"], client_options=spec["options"])
     listed = [o["path"] for chunk in obstore.list(client, f"{PREFIX}/runs/{RUN}/") for o in chunk]
@@ -491,7 +539,7 @@ def write_run(spec: dict[str, Any], n: int) -> tuple[tuple[int, int], float, lis
         if len(mine) != 1:
             raise SystemExit(f"expected one tensor object of batch {i}, listed {mine}")
         keys.append(mine[0])
-    return expected, write_s, keys
+    return expected, write_s, keys, np.concatenate(prints)
 
 
 def write_litdata(ctx: Any, spec: dict[str, Any], n: int) -> str:
@@ -510,7 +558,7 @@ def write_litdata(ctx: Any, spec: dict[str, Any], n: int) -> str:
     client = S3Store(spec["bucket"], config=spec["config"], client_options=spec["options"])
     sizes = sorted(o["size"] for c in obstore.list(client, f"{LIT_PREFIX}/") for o in c)
     return (
-        f"written by litdata.optimize (one row an item, {os.cpu_count()} workers, chunk_bytes={LIT_CHUNK_BYTES!r}) in"
+        f"written by litdata.optimize (one row an item, 1 worker, chunk_bytes={LIT_CHUNK_BYTES!r}) in"
         f" {got['seconds']:.1f} s: {len(sizes)} objects, {sum(sizes) / MiB:.0f} MiB (largest {sizes[-1] / MiB:.1f} MiB)"
     )
 
@@ -562,13 +610,13 @@ def main() -> None:
             "dataset_kwargs": dataset_kwargs,
             "start_method": multiprocessing.get_start_method(),  # this script's: the default one
             "persistent": not args.quick,
-            "litdata_cap": args.litdata_cap or (5.0 if args.quick else 60.0),
+            "litdata_cap": args.litdata_cap or (2.0 if args.quick else 60.0),
         }
         print(f"server: weed mini at {server.endpoint}, data in {root}")
         kinds = ["main", "ours-workers"] + (["litdata-workers"] if with_litdata else [])
         # The drivers start (importing torch) while the data is written.
         with started(ctx, spec, kinds) as drivers:
-            expected, write_s, keys = write_run(spec, n)
+            expected, write_s, keys, expected_prints = write_run(spec, n)
             total_rows = expected[0]
             nbytes = total_rows * SHAPE[-1] * 2
             lit_line = write_litdata(ctx, spec, n) if with_litdata else ""
@@ -580,6 +628,10 @@ def main() -> None:
             t_rounds = time.perf_counter()
             _candidates(raw_in_flight, with_litdata, spec["persistent"])
             names = list(CANDIDATES)
+            if args.only:
+                names = [k for k in names if any(part.strip() in k for part in args.only.split(","))]
+                if not names:
+                    raise SystemExit(f"--only {args.only!r} names no reader of {list(CANDIDATES)}")
             print(
                 f"{n} batches of one layer, {list(SHAPE)} {DTYPE} ({SHAPE[0] * SHAPE[1]} rows of {SHAPE[-1]}, "
                 f"{SHAPE[0] * SHAPE[1] * SHAPE[-1] * 2 / MiB:.0f} MiB an object), {total_rows} rows, "
@@ -593,27 +645,43 @@ def main() -> None:
             print()
             results: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
             for rep in range(rounds):
+                t_round = time.perf_counter()
                 for name in rotated(names, rep):
                     conn, _ = drivers[CANDIDATES[name][0]]
                     conn.send(("run", name))
                     out = conn.recv()
                     if "error" in out:
                         raise SystemExit(f"{name}: {out['error']}")
+                    got = np.frombuffer(out.pop("fingerprints"), dtype=np.uint64)
                     if out["stopped"]:
-                        if not 0 < out["rows"] <= expected[0]:
-                            raise SystemExit(f"{name} read {out['rows']} rows before it was stopped, of {expected[0]}")
-                    elif (out["rows"], out["sum"]) != expected:
-                        raise SystemExit(
-                            f"{name} read {out['rows']} rows (checksum {out['sum']}), expected {expected[0]} "
-                            f"(checksum {expected[1]})"
+                        wrong = (
+                            out["rows"] > expected[0]
+                            or len(np.unique(got)) != len(got)
+                            or not np.isin(got, expected_prints).all()
                         )
-                    results[name].append(out)
+                    else:
+                        wrong = (out["rows"], out["sum"]) != expected
+                    if wrong:  # recorded, and the script fails at the end; the other figures still count
+                        WRONG.append(
+                            f"round {rep + 1}, {name}: {out['rows']} rows, checksum {out['sum']} (expected"
+                            f" {expected[0]}, {expected[1]}): {diagnose(got, expected_prints)}"
+                        )
+                        print(f"WRONG ROWS: {WRONG[-1]}", file=sys.stderr, flush=True)
+                    results[name].append(out | {"wrong": wrong})
+                print(
+                    f"round {rep + 1} of {rounds}: {time.perf_counter() - t_round:.0f} s", file=sys.stderr, flush=True
+                )
             phases = f"setup {t_rounds - t_start:.0f} s, rounds {time.perf_counter() - t_rounds:.0f} s"
 
     report(results, nbytes, total_rows, rounds, raw_in_flight, with_litdata)
     if args.quick:
         print("\n(--quick: small sizes and 1 round; the figures only show that the script runs)")
     print(f"\ncommand: {command}  ({time.perf_counter() - t_start:.0f} s: {phases}, then stopping the server)")
+    if WRONG:
+        print("\nWRONG ROWS (the figures of these epochs are in the tables all the same):")
+        for line in WRONG:
+            print(f"- {line}")
+        raise SystemExit(1)
 
 
 def results_cap(results: dict[str, list[dict[str, Any]]]) -> str:
@@ -646,6 +714,9 @@ def report(
             if o["seconds"] > o["first"] and o["rows"] > BATCH
         ]
         stopped = sum(o["stopped"] for o in outs)
+        wrong = sum(o["wrong"] for o in outs)
+        if wrong:
+            name = f"{name} (WRONG rows in {wrong} of {len(outs)} rounds)"
         stopped_any |= bool(stopped)
         epoch = f"{median([o['seconds'] for o in outs]):.2f} s"
         if stopped:
@@ -688,9 +759,9 @@ def report(
 
     def ratio(a: str, b: str) -> tuple[float, float, float] | None:
         """Per-round throughput ratio a / b (rows per second): median, min, max."""
-        if a not in results or b not in results:
+        if not results.get(a) or not results.get(b):
             return None
-        r = [rate(x) / rate(y) for x, y in zip(results[a], results[b], strict=True)]
+        r = [rate(x) / rate(y) if rate(y) else math.inf for x, y in zip(results[a], results[b], strict=True)]
         return median(r), min(r), max(r)
 
     checks: list[tuple[str, str, str, float | None, bool]] = []  # (a, b, target text, bound, strictly above)
