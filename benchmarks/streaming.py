@@ -465,7 +465,7 @@ def extra_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-litdata", action="store_true", help="leave litdata out")
     p.add_argument(
-        "--only", default=None, help="run only the readers whose names contain one of these comma-separated texts"
+        "--only", default=None, help="run only the readers whose names contain one of these texts, separated by '|'"
     )
     p.add_argument(
         "--litdata-cap",
@@ -629,7 +629,7 @@ def main() -> None:
             _candidates(raw_in_flight, with_litdata, spec["persistent"])
             names = list(CANDIDATES)
             if args.only:
-                names = [k for k in names if any(part.strip() in k for part in args.only.split(","))]
+                names = [k for k in names if any(part.strip() in k for part in args.only.split("|"))]
                 if not names:
                     raise SystemExit(f"--only {args.only!r} names no reader of {list(CANDIDATES)}")
             print(
