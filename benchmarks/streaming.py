@@ -653,6 +653,8 @@ def main() -> None:
                     if "error" in out:
                         raise SystemExit(f"{name}: {out['error']}")
                     got = np.frombuffer(out.pop("fingerprints"), dtype=np.uint64)
+                    if out["stopped"] and out["rows"] == expected[0]:
+                        out["stopped"] = False  # the cap was passed on the epoch's last batch
                     if out["stopped"]:
                         wrong = (
                             out["rows"] > expected[0]
