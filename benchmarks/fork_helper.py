@@ -9,6 +9,10 @@ what that costs: ``get_run_batch`` / ``put_run_batch`` of one fp32 tensor of eac
 parent (direct) and in one long-lived forked child (through its helper), alternating round by
 round; the raw ``obstore.get(...).bytes()`` of the same object in the parent is the network's
 limit. Figures are medians of the rounds; the ratio is the median of per-round ratios.
+
+Then the local disk cache (``cache_dir``): one epoch of ``ActivationDataset`` over a run of 16
+batches of 8 MiB without a cache, the first epoch with one (fetch and insert), and the next
+(hits, mapped from the cache files), each in a fresh store.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import statistics
 import sys
 import time
 import uuid
+from typing import Any
 
 import torch
 
@@ -106,11 +111,50 @@ def main() -> int:
                 rows.append((f"{op} {mb} MiB", f"{mb / d:.0f}", f"{mb / h:.0f}", f"{ratio:.2f}x", r))
         os.close(requests_w)
         os.waitpid(pid, 0)
+        cache_rows = _cache_epochs(server, url, args.rounds)
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, rounds {args.rounds}")
     print(f"{'':<14}{'direct MiB/s':>14}{'forked MiB/s':>14}{'time ratio':>12}{'raw get MiB/s':>15}")
     for row in rows:
         print(f"{row[0]:<14}{row[1]:>14}{row[2]:>14}{row[3]:>12}{row[4]:>15}")
+    print(f"\n{'ActivationDataset epoch, 128 MiB':<40}{'MiB/s':>8}")
+    for name, mibs in cache_rows:
+        print(f"{name:<40}{mibs:>8.0f}")
     return 0
+
+
+def _cache_epochs(server: Any, url: str, rounds: int) -> list[tuple[str, float]]:
+    import shutil
+    import tempfile
+
+    from mi_crow.store import ActivationDataset
+    from mi_crow.store.object_store import ObjectStore
+
+    def store(**options: Any) -> ObjectStore:
+        return ObjectStore(url, config=server.store_config(), client_options=server.client_options(), **options)
+
+    writer = store()
+    for i in range(16):
+        writer.put_detector_metadata("c", i, {}, {"L": {"activations": torch.rand(2048, 1024)}})
+    total = 16 * 8
+
+    def epoch(s: ObjectStore) -> float:
+        ds = ActivationDataset(s, "c", "L", batch_size=4096)
+        return _timed(lambda: sum(len(b) for b in ds))
+
+    none, fill, hit = [], [], []
+    for _ in range(rounds):
+        none.append(epoch(store()))
+        cache = tempfile.mkdtemp(prefix="mi-crow-cache-")
+        try:
+            fill.append(epoch(store(cache_dir=cache)))
+            hit.append(epoch(store(cache_dir=cache)))
+        finally:
+            shutil.rmtree(cache)
+    return [
+        ("no cache", total / statistics.median(none)),
+        ("cache, first epoch (fetch + insert)", total / statistics.median(fill)),
+        ("cache, next epoch (hits)", total / statistics.median(hit)),
+    ]
 
 
 if __name__ == "__main__":

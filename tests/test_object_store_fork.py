@@ -155,10 +155,12 @@ def test_a_forked_child_reads_writes_and_lists(seaweedfs: SeaweedFS, s3_url: str
         store.put_run_metadata("w", {"from": "child"})
         out["listed"] = [store.list_runs(), store.list_run_batches("w")]
         out["appends"] = [m["n"] for m, _ in store.iter_run_detector_metadata("w")]
-        out["chunks"] = [
-            [o["path"].rsplit("/", 1)[-1] for o in chunk]
-            for chunk in store._invoke(obstore.list, store._full("runs/w/detectors"), chunk_size=2)
-        ]
+        listing = store._invoke(obstore.list, store._full("runs/w/detectors"), chunk_size=2)
+        chunks = [next(listing)]
+        out["meanwhile"] = store.get_run_metadata("w")  # answered while the listing is in flight
+        chunks += list(listing)
+        out["chunks"] = [[o["path"].rsplit("/", 1)[-1] for o in chunk] for chunk in chunks]
+        out["stopped"] = next(iter(store._invoke(obstore.list, store._full("runs"), chunk_size=1)))[0]["size"] > 0
         out["helper_after"] = _s3_proxy.helper_pid()
         store.delete_run("r")
         out["after_delete"] = store.list_runs()
@@ -171,6 +173,7 @@ def test_a_forked_child_reads_writes_and_lists(seaweedfs: SeaweedFS, s3_url: str
     assert got["listed"] == [["r", "w"], [0, 1]]
     assert got["appends"] == [0, 1, 2]
     assert [len(c) for c in got["chunks"]] == [2, 1]  # a listing of several chunks, in order
+    assert got["meanwhile"] == {"from": "child"} and got["stopped"]  # a listing given up on after one chunk
     assert got["after_delete"] == ["w"]
     # What the child wrote, read by the parent directly.
     assert store.list_runs() == ["w"] and store.get_run_metadata("w") == {"from": "child"}
