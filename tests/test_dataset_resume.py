@@ -264,3 +264,14 @@ def test_read_ahead_is_bounded(read_ahead: int) -> None:
     assert store.reads <= 1 + read_ahead
     once(ids([first, *it]), end)
     assert store.most <= max(1, read_ahead)
+
+
+def test_shuffle_windows_grow_to_the_budget(store: LocalStore) -> None:
+    """The first windows of a shard take 1/8, 1/4, 1/2 of shuffle_buffer_bytes, then all of it:
+    the first batch comes after one eighth of a window is read."""
+    make_run(store, "r", 40)  # stored batches of 12 rows x 4 float32 = 192 bytes
+    ds = ActivationDataset(store, "r", "L", batch_size=1000, shuffle=True, seed=0, shuffle_buffer_bytes=8 * 192)
+    chunks = ds._chunks(0, {"r": list(range(40))})
+    windows = [sorted({int(x) // 12 for x in block[:, 0].tolist()}) for block in ds._blocks(0, chunks, 0, 1, 0, 1000)]
+    assert [len(w) for w in windows] == [1, 2, 4, 8, 8, 8, 8, 1]
+    assert sorted(c for w in windows for c in w) == list(range(40))

@@ -20,8 +20,9 @@ epoch and the epoch's snapshot:
 
 Reading runs on a background thread that keeps up to ``prefetch`` batches ready, so the
 training step does not wait on the disk or the network. Memory per worker is bounded by about
-``shuffle_buffer_bytes + read_ahead * chunk + (prefetch + 3) * batch`` bytes, where ``chunk``
-is one stored batch's rows of the layer and ``batch`` one yielded batch.
+``read_ahead * chunk + (prefetch + 3) * batch`` bytes, plus ``2 * shuffle_buffer_bytes`` when
+shuffling (the next window is fetched while this one is gathered), where ``chunk`` is one stored
+batch's rows of the layer and ``batch`` one yielded batch.
 
 Positions are kept per shard, in rows: ``state_dict()`` (or :class:`ActivationLoader`'s, under
 DataLoader workers) resumes exactly, also with another number of ranks or workers.
@@ -110,6 +111,13 @@ Resume = tuple[int, dict[int, int], int]
 # Settings that decide which rows an epoch yields in which order: a state_dict resumes only a
 # dataset that agrees on them (batch size, ranks and workers may differ).
 _ORDER_SETTINGS = ("run_ids", "layer", "key", "shuffle", "seed", "shuffle_buffer_bytes", "drop_padding")
+
+
+# Shuffled windows grow to their full size over the first _RAMP windows of a shard.
+_RAMP = 3
+# The version of the shuffled order in states; a state without it is of an earlier version,
+# whose windows were all of the full size.
+_ORDER_VERSION = 2
 
 
 def _ranges(indices: Sequence[int]) -> list[list[int]]:
@@ -380,6 +388,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             "shards": shards,
             "rows": {str(s): n for s, n in sorted(rows.items())},
             "group": group,
+            "order": _ORDER_VERSION,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -429,6 +438,13 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"state_dict has an invalid epoch {epoch!r}")
         rows_field = state.get("rows")
+        consumed = rows_field if isinstance(rows_field, int) else sum(dict(rows_field or {}).values())
+        if self.shuffle and state.get("order") != _ORDER_VERSION and consumed:
+            raise ValueError(
+                f"state_dict is of a shuffled order of another version (order {state.get('order')!r}, this version "
+                f"reads order {_ORDER_VERSION}): it cannot resume mid-epoch exactly; resume from the start of its "
+                "epoch (drop its rows) or of the next"
+            )
         group = state.get("group", state.get("batch_size"))
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ValueError(f"state_dict has an invalid group {group!r}")
@@ -471,7 +487,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         if not states:
             raise ValueError("merge_state_dicts needs at least one state")
         first = states[0]
-        same = (*_ORDER_SETTINGS, "epoch", "snapshot", "shards", "group")
+        same = (*_ORDER_SETTINGS, "epoch", "snapshot", "shards", "group", "order")
         rows: dict[str, int] = {}
         for state in states:
             differing = sorted(k for k in same if state.get(k) != first.get(k))
@@ -550,6 +566,59 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 future.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def _ahead(
+        self, items: Iterator[tuple[str, int, torch.Tensor]], limit: int
+    ) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """``items`` pulled on a thread of their own, up to ``limit`` bytes of rows ahead of the
+        consumer: the next shuffle window is fetched while this one is gathered (otherwise the
+        network would idle during every gather). Errors come after the items before them."""
+        cond = threading.Condition()
+        queued: collections.deque[tuple[tuple[str, int, torch.Tensor], int]] = collections.deque()
+        state: dict[str, Any] = {"bytes": 0, "done": False, "error": None, "stop": False}
+
+        def pull() -> None:
+            try:
+                for item in items:
+                    size = item[2].numel() * item[2].element_size()
+                    with cond:
+                        while state["bytes"] >= limit and not state["stop"]:
+                            cond.wait()
+                        if state["stop"]:
+                            return
+                        queued.append((item, size))
+                        state["bytes"] += size
+                        cond.notify_all()
+            except BaseException as e:  # handed to the consumer after what came before it
+                with cond:
+                    state["error"] = e
+            finally:
+                with cond:
+                    state["done"] = True
+                    cond.notify_all()
+
+        thread = threading.Thread(target=pull, name="mi-crow-store-fetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                with cond:
+                    while not queued and not state["done"]:
+                        cond.wait()
+                    if not queued:
+                        if state["error"] is not None:
+                            raise state["error"]
+                        return
+                    item, size = queued.popleft()
+                    state["bytes"] -= size
+                    cond.notify_all()
+                yield item
+                del item
+        finally:
+            with cond:
+                state["stop"] = True
+                queued.clear()
+                cond.notify_all()
+            thread.join(timeout=5)
+
     def _checked(self, rows: torch.Tensor, first: torch.Tensor | None, run: str, index: int) -> torch.Tensor:
         if first is not None and rows.shape[1:] != first.shape[1:]:
             raise ValueError(
@@ -584,12 +653,15 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         window: list[torch.Tensor] = []
         size = number = 0
         pool = _BufferPool(self.prefetch + 3)
-        for position, (run, index, rows) in enumerate(self._fetched(chunks)):
+        fetched = self._fetched(chunks)
+        if self.read_ahead:
+            fetched = self._ahead(fetched, self.shuffle_buffer_bytes)
+        for position, (run, index, rows) in enumerate(fetched):
             rows = self._checked(rows, first, run, index)
             first = rows if first is None else first
             window.append(rows)
             size += rows.numel() * rows.element_size()
-            if size < self.shuffle_buffer_bytes and position + 1 < len(chunks):
+            if size < self._window_bytes(number) and position + 1 < len(chunks):
                 continue
             number += 1
             n = sum(r.shape[0] for r in window)
@@ -600,6 +672,12 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 yield from self._gather(window, order, skip, pool, group)
                 skip = 0
             window, size = [], 0
+
+    def _window_bytes(self, done: int) -> int:
+        """The budget of the shard's window after ``done`` windows: the first three take 1/8, 1/4
+        and 1/2 of ``shuffle_buffer_bytes``, so the first batch of an epoch comes after an eighth
+        of a window is read, not a whole one (the next, larger window is fetched meanwhile)."""
+        return max(1, self.shuffle_buffer_bytes >> max(0, _RAMP - done))
 
     def _gather(
         self, window: list[torch.Tensor], order: torch.Tensor, skip: int, pool: _BufferPool, group: int
