@@ -275,3 +275,21 @@ def test_shuffle_windows_grow_to_the_budget(store: LocalStore) -> None:
     windows = [sorted({int(x) // 12 for x in block[:, 0].tolist()}) for block in ds._blocks(0, chunks, 0, 1, 0, 1000)]
     assert [len(w) for w in windows] == [1, 2, 4, 8, 8, 8, 8, 1]
     assert sorted(c for w in windows for c in w) == list(range(40))
+
+
+def test_a_buffer_sent_to_another_process_is_never_reused() -> None:
+    """DataLoader's queue feeder moves a batch's storage to shared memory in place; once the
+    batch is let go, the pool must not hand that memory out again (the receiver maps it)."""
+    from mi_crow.store.activation_dataset import _BufferPool
+
+    pool = _BufferPool(4)
+    first = pool.take((8, 4), torch.float32)
+    view = first[0:]  # what the dataset yields
+    assert pool.take((8, 4), torch.float32) is not first  # held by the consumer
+    view.untyped_storage().share_memory_()  # as the feeder does when it pickles the batch
+    del view
+    again = pool.take((8, 4), torch.float32)
+    assert again is not first and not again.is_shared()
+    assert all(buf is not first for buf, _ in pool.buffers)
+    del again
+    assert pool.take((8, 4), torch.float32).data_ptr() != first.data_ptr()

@@ -84,13 +84,22 @@ class _BufferPool:
         return int(_use_count(t.untyped_storage()._cdata))  # type: ignore[misc]
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        # A buffer sent to another process (DataLoader workers move a batch's storage into shared
-        # memory in place, and the receiver maps that same memory) is never written again.
-        self.buffers = [(buf, idle) for buf, idle in self.buffers if not buf.is_shared()]  # type: ignore[no-untyped-call]
+        # A buffer sent to another process is never written again: DataLoader's queue feeder
+        # thread moves a batch's storage into shared memory in place (copying with the GIL
+        # released), and the receiver maps that same memory. The feeder lets go of the batch only
+        # after the move, so the use count is checked first and ``is_shared`` after it: a count
+        # back to idle means a move, if any, is already visible. (The other order let a buffer
+        # that was being sent pass the first check and be rewritten after the second: one batch
+        # of a shuffled epoch read twice and another never, under DataLoader workers.)
         if _use_count is not None:
-            for buf, idle in self.buffers:
-                if buf.shape == shape and buf.dtype == dtype and self._count(buf) == idle:
-                    return buf
+            for position, (buf, idle) in enumerate(self.buffers):
+                if buf.shape != shape or buf.dtype != dtype or self._count(buf) != idle:
+                    continue
+                if buf.is_shared():  # type: ignore[no-untyped-call]
+                    del self.buffers[position]  # sent: it belongs to the receiver now
+                    break
+                return buf
+        self.buffers = [(buf, idle) for buf, idle in self.buffers if not buf.is_shared()]  # type: ignore[no-untyped-call]
         out = torch.empty(shape, dtype=dtype)
         if _use_count is not None and len(self.buffers) < self.size:
             self.buffers.append((out, self._count(out)))
