@@ -20,9 +20,8 @@ epoch and the epoch's snapshot:
 
 Reading runs on a background thread that keeps up to ``prefetch`` batches ready, so the
 training step does not wait on the disk or the network. Memory per worker is bounded by about
-``read_ahead * chunk + (prefetch + 3) * batch`` bytes, plus ``2 * shuffle_buffer_bytes`` when
-shuffling (the next window is fetched while this one is gathered), where ``chunk`` is one stored
-batch's rows of the layer and ``batch`` one yielded batch.
+``shuffle_buffer_bytes + read_ahead * chunk + (prefetch + 3) * batch`` bytes, where ``chunk`` is
+one stored batch's rows of the layer and ``batch`` one yielded batch.
 
 Positions are kept per shard, in rows: ``state_dict()`` (or :class:`ActivationLoader`'s, under
 DataLoader workers) resumes exactly, also with another number of ranks or workers.
@@ -575,59 +574,6 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 future.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _ahead(
-        self, items: Iterator[tuple[str, int, torch.Tensor]], limit: int
-    ) -> Iterator[tuple[str, int, torch.Tensor]]:
-        """``items`` pulled on a thread of their own, up to ``limit`` bytes of rows ahead of the
-        consumer: the next shuffle window is fetched while this one is gathered (otherwise the
-        network would idle during every gather). Errors come after the items before them."""
-        cond = threading.Condition()
-        queued: collections.deque[tuple[tuple[str, int, torch.Tensor], int]] = collections.deque()
-        state: dict[str, Any] = {"bytes": 0, "done": False, "error": None, "stop": False}
-
-        def pull() -> None:
-            try:
-                for item in items:
-                    size = item[2].numel() * item[2].element_size()
-                    with cond:
-                        while state["bytes"] >= limit and not state["stop"]:
-                            cond.wait()
-                        if state["stop"]:
-                            return
-                        queued.append((item, size))
-                        state["bytes"] += size
-                        cond.notify_all()
-            except BaseException as e:  # handed to the consumer after what came before it
-                with cond:
-                    state["error"] = e
-            finally:
-                with cond:
-                    state["done"] = True
-                    cond.notify_all()
-
-        thread = threading.Thread(target=pull, name="mi-crow-store-fetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                with cond:
-                    while not queued and not state["done"]:
-                        cond.wait()
-                    if not queued:
-                        if state["error"] is not None:
-                            raise state["error"]
-                        return
-                    item, size = queued.popleft()
-                    state["bytes"] -= size
-                    cond.notify_all()
-                yield item
-                del item
-        finally:
-            with cond:
-                state["stop"] = True
-                queued.clear()
-                cond.notify_all()
-            thread.join(timeout=5)
-
     def _checked(self, rows: torch.Tensor, first: torch.Tensor | None, run: str, index: int) -> torch.Tensor:
         if first is not None and rows.shape[1:] != first.shape[1:]:
             raise ValueError(
@@ -662,10 +608,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         window: list[torch.Tensor] = []
         size = number = 0
         pool = _BufferPool(self.prefetch + 3)
-        fetched = self._fetched(chunks)
-        if self.read_ahead:
-            fetched = self._ahead(fetched, self.shuffle_buffer_bytes)
-        for position, (run, index, rows) in enumerate(fetched):
+        for position, (run, index, rows) in enumerate(self._fetched(chunks)):
             rows = self._checked(rows, first, run, index)
             first = rows if first is None else first
             window.append(rows)
@@ -685,7 +628,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
     def _window_bytes(self, done: int) -> int:
         """The budget of the shard's window after ``done`` windows: the first three take 1/8, 1/4
         and 1/2 of ``shuffle_buffer_bytes``, so the first batch of an epoch comes after an eighth
-        of a window is read, not a whole one (the next, larger window is fetched meanwhile)."""
+        of a window is read, not a whole one."""
         return max(1, self.shuffle_buffer_bytes >> max(0, _RAMP - done))
 
     def _gather(
