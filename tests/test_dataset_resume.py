@@ -144,8 +144,12 @@ def test_two_ranks_two_workers_then_fewer_ranks_with_a_fixed_global_batch(store:
     # One rank cannot resume from one rank's state: it needs every shard's position.
     single = rank_loader(0, 1, 10)
     single.load_state_dict(states[0])
-    with pytest.raises(ValueError, match=r"no position for shards \[2\].*merge_state_dicts"):
+    with pytest.raises(ValueError, match=r"no position for shards \[2, 3\] of 4.*merge_state_dicts"):
         list(single)
+    alone = dataset(store, batch_size=10)
+    alone.load_state_dict(states[0])
+    with pytest.raises(ValueError, match=r"no position for shards \[2, 3\] of 4"):
+        list(alone)  # iterated in this process: the dataset says it itself
     merged = ActivationDataset.merge_state_dicts(states)
     assert merged["rows"] == {**states[0]["rows"], **states[1]["rows"]}
     for world, workers in ((1, 2), (1, 0), (4, 1)):

@@ -836,7 +836,14 @@ class ActivationLoader(DataLoader):  # type: ignore[type-arg]
         total = ds.world_size * workers
         shards, rows, group = resume if resume is not None else (total, {}, ds.batch_size)
         mine = range(ds.rank * workers, (ds.rank + 1) * workers)
-        positions = {s: rows.get(s, 0) for s in range(shards) if s % total in mine}
+        handled = [s for s in range(shards) if s % total in mine]
+        missing = [s for s in handled if resume is not None and s not in rows]
+        if missing:  # said here, before any worker starts (each worker would say it too)
+            raise ValueError(
+                f"the loaded state_dict has no position for shards {missing} of {shards}: it holds other ranks' "
+                "shards; load the states of every rank merged with ActivationDataset.merge_state_dicts"
+            )
+        positions = {s: rows.get(s, 0) for s in handled}
         self._position = {"epoch": epoch, "snapshot": snapshot, "shards": shards, "rows": positions, "group": group}
         return self._track(super().__iter__(), positions)
 
