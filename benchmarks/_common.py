@@ -264,3 +264,22 @@ def base_worktree(rev: str) -> Iterator[tuple[str, Path] | None]:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, check=False, capture_output=True)
         shutil.rmtree(tree, ignore_errors=True)
+
+
+def object_store_missing() -> str | None:
+    """Why the object-storage benchmarks cannot run here (no obstore, no ``weed``), or None."""
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return "obstore is not installed (pip install 'mi-crow-store[s3]')"
+    try:
+        from mi_crow.store.testing.seaweedfs import SeaweedFSError, find_weed
+    except ModuleNotFoundError as e:  # the testing package imports pytest and hypothesis
+        if e.name not in ("pytest", "_pytest", "hypothesis"):
+            raise
+        return f"mi_crow.store.testing needs {e.name} (pip install 'mi-crow-store[testing]')"
+    try:
+        find_weed()
+    except SeaweedFSError as e:
+        return str(e)
+    return None

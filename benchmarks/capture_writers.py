@@ -28,7 +28,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
-from _common import median, parse_args, print_header, print_table, rotated, work_dir
+from _common import median, object_store_missing, parse_args, print_header, print_table, rotated, work_dir
 from torch import nn
 
 MiB = 2**20
@@ -41,19 +41,23 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Identity(), nn.Identity())
 
 
+def open_spec(spec: dict[str, Any]) -> Any:
+    """The store a backend's spec names (a LocalStore folder or an ObjectStore URL and settings)."""
+    if spec["kind"] == "local":
+        from mi_crow.store import LocalStore
+
+        return LocalStore(spec["root"])
+    from mi_crow.store.object_store import ObjectStore
+
+    return ObjectStore(spec["url"], config=spec["config"], client_options=spec["options"])
+
+
 def _writer(conn: Any, wid: int, specs: dict[str, dict[str, Any]]) -> None:
     """A spawned writer: one store per backend; captures what the parent asks for."""
-    from mi_crow.store import ActivationCapture, LocalStore
+    from mi_crow.store import ActivationCapture
 
     torch.set_num_threads(1)
-    stores: dict[str, Any] = {}
-    for name, spec in specs.items():
-        if spec["kind"] == "local":
-            stores[name] = LocalStore(spec["root"])
-        else:
-            from mi_crow.store.object_store import ObjectStore
-
-            stores[name] = ObjectStore(spec["url"], config=spec["config"], client_options=spec["options"])
+    stores = {name: open_spec(spec) for name, spec in specs.items()}
     m = model()
     x = torch.randn(*SHAPE).to(torch.bfloat16)
     with torch.inference_mode():
@@ -122,20 +126,6 @@ def check_run(store: Any, run: str, n: int, world: int) -> None:
         raise SystemExit(f"run {run}: capture.tokens {capture.get('tokens')}, expected {tokens}")
 
 
-def object_store_missing() -> str | None:
-    try:
-        import obstore  # noqa: F401
-
-        from mi_crow.store.testing.seaweedfs import SeaweedFSError, find_weed
-    except ModuleNotFoundError as e:
-        return f"{e.name} is not installed (pip install 'mi-crow-store[s3,testing]')"
-    try:
-        find_weed()
-    except SeaweedFSError as e:
-        return str(e)
-    return None
-
-
 def extra_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 6; 1 with --quick)")
 
@@ -175,16 +165,8 @@ def main() -> None:
 
 
 def measure(specs: dict[str, dict[str, Any]], n: int, rounds: int, quick: bool) -> None:
-    from mi_crow.store import LocalStore
 
-    checkers: dict[str, Any] = {}
-    for name, spec in specs.items():
-        if spec["kind"] == "local":
-            checkers[name] = LocalStore(spec["root"])
-        else:
-            from mi_crow.store.object_store import ObjectStore
-
-            checkers[name] = ObjectStore(spec["url"], config=spec["config"], client_options=spec["options"])
+    checkers = {name: open_spec(spec) for name, spec in specs.items()}
     batch_bytes = SHAPE[0] * SHAPE[1] * SHAPE[2] * 2 * len(LAYERS)
     total = n * batch_bytes
     print(

@@ -37,7 +37,18 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
-from _common import make_tensor, median, parse_args, print_header, print_table, raw_bytes, rotated, timed, work_dir
+from _common import (
+    make_tensor,
+    median,
+    object_store_missing,
+    parse_args,
+    print_header,
+    print_table,
+    raw_bytes,
+    rotated,
+    timed,
+    work_dir,
+)
 
 MiB = 2**20
 PART = 8 * MiB
@@ -62,25 +73,6 @@ def ratio_stats(store: list[float], raw: list[float]) -> tuple[float, float, flo
 
 def span(lo: float, hi: float) -> str:
     return f"{lo:.2f}-{hi:.2f}"
-
-
-def missing_requirement() -> str | None:
-    """Why this benchmark cannot run here (no obstore, no ``weed``), or None."""
-    try:
-        import obstore  # noqa: F401
-    except ImportError:
-        return "obstore is not installed (pip install 'mi-crow-store[s3]')"
-    try:
-        from mi_crow.store.testing.seaweedfs import SeaweedFSError, find_weed
-    except ModuleNotFoundError as e:  # the testing package imports pytest and hypothesis
-        if e.name not in ("pytest", "_pytest", "hypothesis"):
-            raise
-        return f"mi_crow.store.testing needs {e.name} (pip install 'mi-crow-store[testing]')"
-    try:
-        find_weed()
-    except SeaweedFSError as e:
-        return str(e)
-    return None
 
 
 class Bench:
@@ -722,7 +714,7 @@ def main() -> None:
     if not only <= set(SECTIONS):
         raise SystemExit(f"unknown section(s) {sorted(only - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
     print_header("Object storage (SeaweedFS on loopback)")
-    why = missing_requirement()
+    why = object_store_missing()
     if why is not None:
         print(f"note: skipped: {why}")
         return

@@ -63,7 +63,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import REPO, make_tensor, median, parse_args, print_header, print_table, rotated, work_dir
+from _common import (
+    REPO,
+    make_tensor,
+    median,
+    object_store_missing,
+    parse_args,
+    print_header,
+    print_table,
+    rotated,
+    work_dir,
+)
 
 MiB = 2**20
 SHAPE = (32, 128, 1024)
@@ -432,24 +442,6 @@ def _driver_main(conn: Any, spec: dict[str, Any], kind: str) -> None:
 # ---------------------------------------------------------------------- the parent
 
 
-def missing_requirement() -> str | None:
-    try:
-        import obstore  # noqa: F401
-    except ImportError:
-        return "obstore is not installed (pip install 'mi-crow-store[s3]')"
-    try:
-        from mi_crow.store.testing.seaweedfs import SeaweedFSError, find_weed
-    except ModuleNotFoundError as e:
-        if e.name not in ("pytest", "_pytest", "hypothesis"):
-            raise
-        return f"mi_crow.store.testing needs {e.name} (pip install 'mi-crow-store[testing]')"
-    try:
-        find_weed()
-    except SeaweedFSError as e:
-        return str(e)
-    return None
-
-
 def extra_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 6; 1 with --quick)")
     p.add_argument("--batches", type=int, default=None, help="stored batches of 8 MiB (default 48; 4 with --quick)")
@@ -570,7 +562,7 @@ def main() -> None:
     raw_in_flight = [int(x) for x in (args.raw_concurrency or f"1,{read_ahead_default()}").split(",") if x.strip()]
     dataset_kwargs = json.loads(args.dataset_kwargs)
     print_header("Training reads from object storage (SeaweedFS on loopback)")
-    why = missing_requirement()
+    why = object_store_missing()
     if why is not None:
         print(f"note: skipped: {why}")
         return

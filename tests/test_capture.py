@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import proc_workers as pw
+from hf_models import save_tiny_bert, tiny_bert
 from mi_crow.store import ActivationCapture, Capabilities, LocalStore, MemoryStore, Store
 from mi_crow.store._tensor_file import Payload
 from mi_crow.store.capture import extract_tensor
@@ -100,19 +101,6 @@ def test_dtype_conversion_and_run_metadata(store: Store) -> None:
         0,
     )
     assert cap["library"].startswith("mi-crow-store ")
-
-
-def tiny_bert() -> Any:
-    config = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
 
 
 def test_hugging_face_model_with_attention_masks(store: Store) -> None:
@@ -343,19 +331,9 @@ def test_capture_cli_on_a_tiny_model(tmp_path: Path, target: str, request: pytes
         env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
         env.update(server.env(), NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
         store = ObjectStore(where, config=server.store_config(), client_options=server.client_options())
-    model = tiny_bert()
-    model.save_pretrained(tmp_path / "model")
+    save_tiny_bert(tmp_path / "model")
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(f"text number {i}" for i in range(7)) + "\n\n")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(["text", "number", *map(str, range(7))])}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(
-        tmp_path / "model"
-    )
     args = [
         sys.executable,
         "-m",

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import proc_workers as pw
+from hf_models import save_tiny_bert
 from mi_crow.store import ActivationCapture, LayoutStore, LocalStore, MemoryStore, Store
 from mi_crow.store.capture import resolve_rank
 from test_processes import HANG_S, run_all, stop_process, wait_for_log
@@ -485,30 +486,9 @@ def test_a_run_captured_before_ranks_reads_as_writer_zero(tmp_path: Path) -> Non
 # ---------------------------------------------------------------------- the command line
 
 
-def _tiny_hf_model(where: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    config = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(config).eval().save_pretrained(where)
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(["text", "number", *map(str, range(9))])}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(
-        where
-    )
-
-
 def test_cli_ranks_lay_out_the_run_as_one_process_does(tmp_path: Path) -> None:
-    _tiny_hf_model(tmp_path / "model")
+    pytest.importorskip("transformers")
+    save_tiny_bert(tmp_path / "model", layers=2, digits=9)
     texts = tmp_path / "texts.txt"
     # Texts of different lengths (padding differs batch to batch); 9 texts in batches of 2: 5 batches.
     texts.write_text("\n".join("text number " + " ".join(str(j) for j in range(i % 4 + 1)) for i in range(9)) + "\n")

@@ -157,6 +157,21 @@ def _snapshot_of(ranges: Any, runs: Sequence[str], what: str) -> Snapshot:
     return out
 
 
+def _positions(resume: Resume | None, shards: int, rows: Mapping[int, int], handled: Sequence[int]) -> dict[int, int]:
+    """Where each of the ``handled`` shards starts: the resumed position, or 0 in a fresh epoch.
+
+    Raises:
+        ValueError: If a resumed state lacks one of them (it holds other ranks' shards only).
+    """
+    missing = [s for s in handled if resume is not None and s not in rows]
+    if missing:
+        raise ValueError(
+            f"the loaded state_dict has no position for shards {missing} of {shards}: it holds other ranks' "
+            "shards; load the states of every rank merged with ActivationDataset.merge_state_dicts"
+        )
+    return {s: rows.get(s, 0) for s in handled}
+
+
 def _remove_plans(path: str, owner: int) -> None:
     if os.getpid() == owner:
         shutil.rmtree(path, ignore_errors=True)
@@ -741,14 +756,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 self._publish()  # the position was used: workers started later begin the epoch
         epoch, snapshot, resume = plan
         shards, rows, group = resume if resume is not None else (total, {}, self.batch_size)
-        mine = [s for s in range(shards) if s % total == here]
-        missing = [s for s in mine if resume is not None and s not in rows]
-        if missing:
-            raise ValueError(
-                f"the loaded state_dict has no position for shards {missing} of {shards}: it holds other ranks' "
-                "shards; load the states of every rank merged with ActivationDataset.merge_state_dicts"
-            )
-        positions = {s: rows.get(s, 0) for s in mine}
+        positions = _positions(resume, shards, rows, [s for s in range(shards) if s % total == here])
         if info is None:
             self._state = {"epoch": epoch, "snapshot": snapshot, "shards": shards, "rows": positions, "group": group}
             self._worker_mark = int(self._shared[1])
@@ -836,14 +844,8 @@ class ActivationLoader(DataLoader):  # type: ignore[type-arg]
         total = ds.world_size * workers
         shards, rows, group = resume if resume is not None else (total, {}, ds.batch_size)
         mine = range(ds.rank * workers, (ds.rank + 1) * workers)
-        handled = [s for s in range(shards) if s % total in mine]
-        missing = [s for s in handled if resume is not None and s not in rows]
-        if missing:  # said here, before any worker starts (each worker would say it too)
-            raise ValueError(
-                f"the loaded state_dict has no position for shards {missing} of {shards}: it holds other ranks' "
-                "shards; load the states of every rank merged with ActivationDataset.merge_state_dicts"
-            )
-        positions = {s: rows.get(s, 0) for s in handled}
+        # Checked here too, before any worker starts (each worker would say it as well).
+        positions = _positions(resume, shards, rows, [s for s in range(shards) if s % total in mine])
         self._position = {"epoch": epoch, "snapshot": snapshot, "shards": shards, "rows": positions, "group": group}
         return self._track(super().__iter__(), positions)
 

@@ -351,21 +351,22 @@ class LocalStore(LayoutStore):
             raise
         return tmp
 
-    def _write(self, key: str, payload: Payload) -> None:
-        def op(dir_fd: int, name: str, where: str) -> None:
-            tmp = self._create_temp(dir_fd, payload, where)
-            try:
-                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except BaseException as e:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp, dir_fd=dir_fd)
-                if isinstance(e, OSError):
-                    raise _fs.named(e, where) from None
-                raise
-            self._sync(dir_fd)
+    def _replace(self, dir_fd: int, name: str, payload: Payload, where: str) -> None:
+        """Write ``payload`` to a temp file in ``dir_fd`` and rename it over ``name``."""
+        tmp = self._create_temp(dir_fd, payload, where)
+        try:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            if isinstance(e, OSError):
+                raise _fs.named(e, where) from None
+            raise
+        self._sync(dir_fd)
 
+    def _write(self, key: str, payload: Payload) -> None:
         with self._writers.shared():
-            self._in_parent(key, op)
+            self._in_parent(key, lambda dir_fd, name, where: self._replace(dir_fd, name, payload, where))
 
     def _write_new(self, key: str, payload: Payload) -> bool:
         def op(dir_fd: int, name: str, where: str) -> bool:
@@ -390,16 +391,7 @@ class LocalStore(LayoutStore):
             fcntl.flock(dir_fd, fcntl.LOCK_EX)
             try:
                 new = bytes(change(_read_small(dir_fd, name, where)))
-                tmp = self._create_temp(dir_fd, Payload(new), where)
-                try:
-                    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                except BaseException as e:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp, dir_fd=dir_fd)
-                    if isinstance(e, OSError):
-                        raise _fs.named(e, where) from None
-                    raise
-                self._sync(dir_fd)
+                self._replace(dir_fd, name, Payload(new), where)
                 return new
             finally:
                 fcntl.flock(dir_fd, fcntl.LOCK_UN)
