@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -17,11 +15,10 @@ import torch
 from torch import nn
 
 import proc_workers as pw
-from hf_models import save_tiny_bert, tiny_bert
+from hf_models import tiny_bert
 from mi_crow.store import ActivationCapture, Capabilities, LocalStore, MemoryStore, Store
 from mi_crow.store._tensor_file import Payload
 from mi_crow.store.capture import extract_tensor
-from mi_crow.store.object_store import ObjectStore
 from mi_crow.store.testing.store_tests import assert_same
 
 transformers = pytest.importorskip("transformers")
@@ -317,54 +314,3 @@ def test_capture_survives_sigkill_and_resumes(tmp_path: Path) -> None:
     meta = store.get_run_metadata("cap")["capture"]
     assert meta["batches"] == start + 1 and meta["last_batch"] == start
     assert store.check() == []
-
-
-@pytest.mark.parametrize("target", ["local", pytest.param("s3", marks=pytest.mark.s3)])
-def test_capture_cli_on_a_tiny_model(tmp_path: Path, target: str, request: pytest.FixtureRequest) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if target == "local":
-        where = str(tmp_path / "s")
-        store: Any = LocalStore(tmp_path / "s")
-    else:  # the endpoint and credentials from the standard AWS_* variables, as on a cluster
-        server = request.getfixturevalue("seaweedfs")
-        where = f"s3://{server.new_bucket()}/activations"
-        env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
-        env.update(server.env(), NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-        store = ObjectStore(where, config=server.store_config(), client_options=server.client_options())
-    save_tiny_bert(tmp_path / "model")
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(f"text number {i}" for i in range(7)) + "\n\n")
-    args = [
-        sys.executable,
-        "-m",
-        "mi_crow.store",
-        "capture",
-        "--model",
-        str(tmp_path / "model"),
-        "--layers",
-        "encoder.layer.1",
-        "--texts",
-        str(texts),
-        "--run",
-        "cli",
-        "--store",
-        where,
-        "--batch-size",
-        "3",
-        "--max-length",
-        "8",
-        "--dtype",
-        "bf16",
-    ]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "captured run 'cli': 3 batch(es), 21 tokens, 1 layer(s)" in proc.stdout
-    assert "read back encoder.layer.1: 21 token rows of 32  ok" in proc.stdout
-    assert store.list_run_batches("cli") == [0, 1, 2]
-    again = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
-    assert again.returncode == 0 and "0 text(s) left" in again.stdout
-    assert store.list_run_batches("cli") == [0, 1, 2]
-    bad = subprocess.run(
-        [*args[:7], "encoder.layer.7", *args[8:]], capture_output=True, text=True, env=env, check=False
-    )
-    assert bad.returncode == 2 and "layer 'encoder.layer.7' is not a module of BertModel" in bad.stderr

@@ -528,17 +528,6 @@ def test_unsupported_url_scheme_is_one_line(command: str, url: str) -> None:
     assert f"no store serves the URL scheme {url.split(':')[0].lower()!r}" in line and "s3://" in line
 
 
-def test_capture_into_an_unsupported_url_is_refused(tmp_path: Path) -> None:
-    pytest.importorskip("transformers")  # the capture extra: the command imports it first
-    texts = tmp_path / "texts.txt"
-    texts.write_text("hello\n")
-    result = invoke(
-        "capture", "--model", str(tmp_path / "no-model"), "--layers", "a", "--texts", str(texts), "--run", "r",
-        "--store", "gs://bucket/x",
-    )  # fmt: skip
-    assert result.exit_code == EXIT_USAGE and "no store serves the URL scheme 'gs'" in error_line(result)
-
-
 def test_file_url_is_the_folder(tmp_path: Path) -> None:
     two_runs(tmp_path / "s")
     listed = invoke("ls", f"file://{tmp_path / 's'}")

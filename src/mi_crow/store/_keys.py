@@ -31,6 +31,11 @@ import os
 import re
 import time
 
+# The model inputs of a captured batch, stored once per batch (not once per layer) in the pseudo-layer
+# mi_crow 1.0's own capture uses for the attention mask (language_model/activations.py).
+INPUTS_LAYER = "attention_masks"
+MASK_KEY = "attention_mask"
+INPUT_IDS_KEY = "input_ids"
 TENSOR_NAMES_FIELD = "_tensor_metadata_names"  # mi_crow 1.0's field in batch metadata.json
 TENSOR_NAME = "tensor"  # the one tensor in a per-batch detector file
 EMPTY_LIST_NAME = "_empty_list"
