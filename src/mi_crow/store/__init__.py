@@ -13,11 +13,13 @@ from mi_crow.store._backend import Capabilities, GcReport
 from mi_crow.store._copy import CopyReport, copy_store
 from mi_crow.store._layout import LayoutStore, Problem
 from mi_crow.store._open import open_store
+from mi_crow.store._progress import disable_progress_bars, enable_progress_bars
 from mi_crow.store.activation_dataset import ActivationDataset, ActivationLoader
 from mi_crow.store.capture import ActivationCapture
 from mi_crow.store.errors import CorruptFileError, CorruptMetadataError, InvalidJSONError, StoreError
 from mi_crow.store.local_store import LocalStore
 from mi_crow.store.memory_store import MemoryStore
+from mi_crow.store.stats import LayerStats, read_stats
 from mi_crow.store.store import Store, TensorMetadata
 from mi_crow.store.store_dataloader import StoreDataloader
 
@@ -51,6 +53,7 @@ __all__ = [
     "CorruptMetadataError",
     "GcReport",
     "InvalidJSONError",
+    "LayerStats",
     "LayoutStore",
     "LocalStore",
     "MemoryStore",
@@ -61,5 +64,8 @@ __all__ = [
     "TensorMetadata",
     "__version__",
     "copy_store",
+    "disable_progress_bars",
+    "enable_progress_bars",
     "open_store",
+    "read_stats",
 ]
