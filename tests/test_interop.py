@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from hf_models import gpt2_tokenizer, tiny_gpt2
+from hf_models import gpt2_tokenizer, save_tiny_gpt2, tiny_gpt2
 from mi_crow.store import ActivationCapture, MemoryStore
-from mi_crow.store._interop import calls_forward_directly, unwrap_model, wrap_forward
+from mi_crow.store._interop import calls_forward_directly, hook_aliases, unwrap_model, wrap_forward
 
 TL_NAMES = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]
 TEXTS = ["the cat sat", "a dog sat on the mat", "text number 7"]
@@ -248,3 +248,44 @@ def test_a_tuple_output_gives_its_first_element_by_default() -> None:
     assert attn_weights.shape == (2, 2, 5, 5)
     assert torch.equal(stored(store, "t", 0, "h.0.attn"), attn_output)
     assert stored(store, "t", 0, "h.0").shape == (2, 5, 32)  # a block returns the hidden states itself
+
+
+# ---------------------------------------------------------------------------- TransformerBridge
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """TransformerLens 3's ``TransformerBridge`` over a tiny GPT-2 saved to a folder (its boot
+    reads the config and tokenizer from there; nothing is downloaded)."""
+    pytest.importorskip("transformer_lens", reason="TransformerLens is not installed (the interop extra)")
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    where = tmp_path_factory.mktemp("gpt2")
+    save_tiny_gpt2(where)
+    return TransformerBridge.boot_transformers(
+        str(where),
+        hf_model=transformers.AutoModelForCausalLM.from_pretrained(where),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(where),
+    )
+
+
+def test_transformer_bridge_capture_is_run_with_cache(bridge: Any) -> None:
+    """A bridge's hook points are modules under its own names (``blocks.1.hook_out``); the
+    HookedTransformer names (``blocks.1.hook_resid_post``) are aliases in its ``hook_dict``,
+    which ``hook_aliases`` maps to those modules."""
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(2))
+    aliases = hook_aliases(bridge)
+    modules = dict(bridge.named_modules())
+    assert aliases["blocks.1.hook_resid_post"] is modules["blocks.1.hook_out"]
+    assert "blocks.1.hook_resid_post" not in modules
+    assert calls_forward_directly(bridge)
+    assert hook_aliases(tiny_gpt2()) == {}
+    _, cache = bridge.run_with_cache(ids, names_filter=["blocks.1.hook_resid_post", "blocks.0.hook_out"])
+    store = MemoryStore()
+    with ActivationCapture(bridge, store, "br", ["blocks.1.hook_out", "blocks.0.hook_out"]):
+        bridge(ids)
+    assert store.list_run_batches("br") == [0]
+    assert torch.equal(stored(store, "br", 0, "blocks.1.hook_out"), cache["blocks.1.hook_resid_post"])
+    assert torch.equal(stored(store, "br", 0, "blocks.0.hook_out"), cache["blocks.0.hook_out"])
+    assert stored(store, "br", 0, "blocks.1.hook_out").shape == (2, 5, 32)

@@ -22,7 +22,7 @@ modules it was made with, so this package works (and imports fast) without them.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -79,15 +79,41 @@ def calls_forward_directly(module: nn.Module) -> bool:
     """Whether ``module``'s library runs it as ``module.forward(...)`` rather than
     ``module(...)``, so hooks registered on ``module`` itself miss those calls.
 
-    True for TransformerLens's ``HookedRootModule`` models (``HookedTransformer`` and the
-    others): ``model.run_with_hooks(...)`` and ``with model.hooks(...)`` call
-    ``hooked_model.forward(...)``. Hooks on its hook points still run; a capture sees those
-    calls as batches only through :func:`wrap_forward`.
+    True for TransformerLens's models: a ``HookedRootModule`` (``HookedTransformer`` and the
+    others), whose ``run_with_hooks(...)`` calls ``hooked_model.forward(...)``, and a
+    ``TransformerBridge``, whose ``run_with_cache`` and ``run_with_hooks`` call
+    ``self.forward(...)``. Hooks on their hook points still run; a capture sees those calls as
+    batches only through :func:`wrap_forward`.
     """
-    # TransformerLens 3 defines it in transformer_lens.HookedRootModule, 2 in hook_points.
-    return _class_in(module, "transformer_lens.HookedRootModule", "HookedRootModule") or _class_in(
-        module, "transformer_lens.hook_points", "HookedRootModule"
+    # TransformerLens 3 defines HookedRootModule in transformer_lens.HookedRootModule, 2 in hook_points.
+    return (
+        _class_in(module, "transformer_lens.HookedRootModule", "HookedRootModule")
+        or _class_in(module, "transformer_lens.hook_points", "HookedRootModule")
+        or _class_in(module, "transformer_lens.model_bridge.bridge", "TransformerBridge")
     )
+
+
+def hook_aliases(module: nn.Module) -> dict[str, nn.Module]:
+    """The hook names ``module`` answers to that are not its ``named_modules()`` names, with
+    the module each one stands for.
+
+    A TransformerLens ``TransformerBridge`` wraps a Hugging Face model and names its hook points
+    after it (``blocks.1.hook_out``), with the names of ``HookedTransformer`` as aliases
+    (``blocks.1.hook_resid_post``) in its ``hook_dict``; a capture that accepts these finds
+    the module here. Empty for any other model (a ``HookedTransformer``'s hook names are its
+    module names).
+    """
+    if not calls_forward_directly(module):
+        return {}
+    hooks = getattr(module, "hook_dict", None)
+    if not isinstance(hooks, Mapping):
+        return {}
+    names = {id(m): n for n, m in module.named_modules()}
+    return {
+        str(name): hook
+        for name, hook in hooks.items()
+        if isinstance(hook, nn.Module) and id(hook) in names and names[id(hook)] != name
+    }
 
 
 def wrap_forward(
