@@ -65,8 +65,8 @@ def test_plain_torch_model_outputs_and_inputs(store: Store) -> None:
     for i, x in enumerate(xs):
         expected = reference_outputs(model, ["0", "2"], x)
         meta, tensors = store.get_detector_metadata("r", i)
-        assert meta == {"tokens": x.shape[0] * x.shape[1]}
-        assert sorted(tensors) == ["0", "2"]
+        assert meta == {"tokens": x.shape[0] * x.shape[1], "masked": False}
+        assert sorted(tensors) == ["0", "2"]  # no model inputs: the model was called on a float tensor
         for layer in ("0", "2"):
             assert list(tensors[layer]) == ["activations"]
             assert_same(tensors[layer]["activations"], expected[layer])
@@ -114,12 +114,15 @@ def test_hugging_face_model_with_attention_masks(store: Store) -> None:
     assert store.list_run_batches("bert") == [0, 1]
     for i, (ids, mask, hidden) in enumerate(batches):
         meta, tensors = store.get_detector_metadata("bert", i)
-        assert meta == {"tokens": int(mask.sum())}
+        assert meta == {"tokens": int(mask.sum()), "masked": True}
+        # The model's inputs once per batch, in mi_crow 1.0's pseudo-layer; each layer holds its activations.
+        assert list(tensors) == ["encoder.layer.0", "encoder.layer.2", "attention_masks"]
+        assert sorted(tensors["attention_masks"]) == ["attention_mask", "input_ids"]
+        assert_same(tensors["attention_masks"]["attention_mask"], mask)
+        assert_same(tensors["attention_masks"]["input_ids"], ids)
         for n, layer in ((0, "encoder.layer.0"), (2, "encoder.layer.2")):
-            assert sorted(tensors[layer]) == ["activations", "attention_mask", "input_ids"]
+            assert list(tensors[layer]) == ["activations"]
             assert_same(tensors[layer]["activations"], hidden[n + 1])  # hidden_states[0] is the embeddings
-            assert_same(tensors[layer]["attention_mask"], mask)
-            assert_same(tensors[layer]["input_ids"], ids)
     assert store.get_run_metadata("bert")["model"]["class"].endswith("BertModel")
 
 
@@ -154,7 +157,9 @@ def test_stored_bytes_identical_to_a_synchronous_write(tmp_path: Path) -> None:
         model(x)
     direct = LocalStore(tmp_path / "direct")
     expected = reference_outputs(model, ["0", "1"], x)
-    direct.put_detector_metadata("r", 0, {"tokens": 10}, {k: {"activations": v} for k, v in expected.items()})
+    direct.put_detector_metadata(
+        "r", 0, {"tokens": 10, "masked": False}, {k: {"activations": v} for k, v in expected.items()}
+    )
     for rel in ("0/activations.safetensors", "1/activations.safetensors", "metadata.json"):
         assert (tmp_path / "piped/runs/r/batch_0" / rel).read_bytes() == (
             tmp_path / "direct/runs/r/batch_0" / rel

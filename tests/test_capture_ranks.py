@@ -29,6 +29,7 @@ import proc_workers as pw
 from hf_models import save_tiny_bert
 from mi_crow.store import ActivationCapture, LayoutStore, LocalStore, MemoryStore, Store
 from mi_crow.store.capture import resolve_rank
+from mi_crow.store.stats import LayerStats
 from test_processes import HANG_S, run_all, stop_process, wait_for_log
 
 RUN = pw.RANK_RUN
@@ -87,7 +88,7 @@ def check_batches(store: LayoutStore, indices: list[int]) -> None:
     """Each batch holds exactly what the model produced for its global batch number."""
     for g in indices:
         meta, tensors = store.get_detector_metadata(RUN, g)
-        assert meta == {"tokens": pw.rank_tokens(g)}, g
+        assert meta == {"tokens": pw.rank_tokens(g), "masked": False}, g
         assert sorted(tensors) == pw.RANK_LAYERS, g
         want = expected(g)
         for layer in pw.RANK_LAYERS:
@@ -106,16 +107,35 @@ def check_complete(store: LayoutStore, total: int, world: int) -> None:
     for r in range(world):
         mine = range(r, total, world)
         writer = capture["writers"][str(r)]
-        assert sorted(writer) == ["batches", "last_batch", "tokens", "updated"]
-        assert (writer["batches"], writer["tokens"], writer["last_batch"]) == (
+        assert sorted(writer) == ["batches", "last_batch", "masked", "stats", "tokens", "updated"]
+        assert (writer["batches"], writer["tokens"], writer["last_batch"], writer["masked"]) == (
             len(mine),
             sum(pw.rank_tokens(g) for g in mine),
             mine[-1],
+            False,  # the model is called on float tensors: no mask
         ), r
+        check_stats(writer["stats"], mine)
     assert capture["batches"] == total
     assert capture["tokens"] == sum(pw.rank_tokens(g) for g in range(total))
     assert capture["last_batch"] == total - 1
+    assert capture["masked"] is False
+    # The statistics merged from every writer's (also those recomputed on resume from the stored
+    # batches a killed writer had not counted) are those of every row of the run.
+    check_stats(capture["stats"], range(total))
     assert store.get_run_metadata(RUN)["layers"] == pw.RANK_LAYERS
+
+
+def check_stats(stats: dict[str, Any], batches: Any) -> None:
+    """``stats`` (stored form) are count, mean, variance and norms of exactly the rows of ``batches``."""
+    assert list(stats) == pw.RANK_LAYERS
+    for layer in pw.RANK_LAYERS:
+        rows = torch.cat([expected(g)[layer].reshape(-1, 4 if layer == "2" else 16) for g in batches]).double()
+        got = LayerStats.from_json(stats[layer])
+        assert got.count == rows.shape[0] == sum(pw.rank_tokens(g) for g in batches)
+        torch.testing.assert_close(got.mean, rows.mean(0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.var, rows.var(0, correction=0), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got.norm_sum, float(rows.norm(dim=1).sum()), rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(got.sq_norm_sum, float((rows * rows).sum()), rtol=1e-12, atol=0.0)
 
 
 def enter_line(lines: list[str]) -> tuple[int, int, int, int]:
