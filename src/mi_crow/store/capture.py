@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from mi_crow.store._backend import Capabilities
-from mi_crow.store._interop import unwrap_model
+from mi_crow.store._interop import calls_forward_directly, hook_aliases, unwrap_model, wrap_forward
 from mi_crow.store._keys import INPUT_IDS_KEY, INPUTS_LAYER, MASK_KEY
 from mi_crow.store._layout import LayoutStore
 from mi_crow.store._names import check_name
@@ -415,7 +415,8 @@ class ActivationCapture:
         if not self.layers:
             raise ValueError("layers must name at least one module of the model")
         self.key = check_name(key, "key")
-        modules = dict(model.named_modules())
+        # TransformerLens's TransformerBridge also answers to HookedTransformer's hook names.
+        modules = {**hook_aliases(model), **dict(model.named_modules())}
         for layer in self.layers:
             if not isinstance(layer, str):
                 raise ValueError(f"layer names must be str, got {type(layer).__name__} {layer!r}")
@@ -454,6 +455,7 @@ class ActivationCapture:
         self._positions = _positions(model.forward, (INPUT_IDS_KEY, MASK_KEY))
         self._signatures: dict[str, inspect.Signature | None] = {}
         self._handles: list[Any] = []
+        self._undo_wrap: Callable[[], None] | None = None
         self._current: dict[str, torch.Tensor] | None = None
         self._model_inputs: dict[str, torch.Tensor] = {}
         self._extras: dict[str, torch.Tensor] = {}
@@ -551,8 +553,11 @@ class ActivationCapture:
         self._bar = progress_bar(self.progress, desc=f"capture {self.run_id}{share}", unit=" batches")
         self._thread = threading.Thread(target=self._write_loop, name="mi-crow-store-capture", daemon=True)
         self._thread.start()
-        self._handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._end))
+        if calls_forward_directly(self.model):  # TransformerLens: run_with_hooks calls model.forward(...)
+            self._undo_wrap = wrap_forward(self.model, self._begin, lambda m, a, k, out: self._end(m, a, out))
+        else:
+            self._handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._end))
         for layer in self.layers:
             module = self._modules[layer]
             if self.inputs:
@@ -574,6 +579,9 @@ class ActivationCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._undo_wrap is not None:
+            self._undo_wrap()
+            self._undo_wrap = None
         self._current = None
         self._model_inputs = {}
         if self._thread is not None:
