@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import linecache
 import re
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def test_docs_page_python_blocks_run(page: str, tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "docs_page"}
     for index, code in enumerate(python_blocks(ROOT / "docs" / page)):
-        exec(compile(code, f"docs/{page} block {index}", "exec"), namespace)
+        filename = f"docs/{page} block {index}"
+        # In linecache, so code that reads its own source back (nnsight's trace blocks) finds it.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        exec(compile(code, filename, "exec"), namespace)
         out = capsys.readouterr().out.splitlines()
         expected = expected_prints(code)
         if expected is not None:

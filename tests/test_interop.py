@@ -115,6 +115,28 @@ def test_transformer_lens_hooks_still_run_under_a_capture(hooked: Any, tokens: t
     assert len(hooked.blocks[0].hook_mlp_out.fwd_hooks) == 0  # TransformerLens removed its hook
 
 
+def test_transformer_lens_run_with_hooks_is_a_batch(hooked: Any, tokens: torch.Tensor) -> None:
+    """``run_with_hooks`` calls ``model.forward(...)`` directly; the capture still stores it as
+    one batch, with the intervention's effect, and ``model(...)`` still counts once."""
+
+    def ablate(value: torch.Tensor, hook: Any) -> torch.Tensor:
+        return torch.zeros_like(value)
+
+    hooks = [("blocks.0.hook_mlp_out", ablate)]
+    with hooked.hooks(fwd_hooks=hooks):
+        _, ablated = hooked.run_with_cache(tokens, names_filter=TL_NAMES)
+    _, clean = hooked.run_with_cache(tokens, names_filter=TL_NAMES)
+    store = MemoryStore()
+    with ActivationCapture(hooked, store, "tlw", TL_NAMES):
+        hooked.run_with_hooks(tokens, fwd_hooks=hooks)
+        hooked(tokens)
+    assert "forward" not in hooked.__dict__  # the capture's wrapper is gone
+    assert store.list_run_batches("tlw") == [0, 1]
+    for name in TL_NAMES:
+        assert torch.equal(stored(store, "tlw", 0, name), ablated[name])
+        assert torch.equal(stored(store, "tlw", 1, name), clean[name])
+
+
 def test_transformer_lens_runs_forward_directly(hooked: Any, tokens: torch.Tensor) -> None:
     """``run_with_hooks`` calls ``model.forward(...)``: hooks on the model itself miss it, which is
     what ``calls_forward_directly`` reports and ``wrap_forward`` catches (once per call either way)."""
@@ -212,6 +234,28 @@ def test_nnsight_trace_capture_is_output_save(nnsight: Any, kind: str) -> None:
     assert torch.equal(stored(store, "nn", 1, "transformer.h.1"), torch.cat([first, second]))
 
 
+@pytest.mark.parametrize("kind", ["TransformersModel", "LanguageModel"])
+def test_nnsight_model_itself_is_captured_with_its_mask(nnsight: Any, kind: str) -> None:
+    """``ActivationCapture(lm, ...)`` takes the nnsight model as it is; the left-padded batch's
+    attention mask and ids, passed by nnsight as forward keywords, are stored once per batch and
+    only real tokens are counted."""
+    lm = language_models(nnsight)[["TransformersModel", "LanguageModel"].index(kind)]
+    store = MemoryStore()
+    with ActivationCapture(lm, store, "nnm", ["transformer.h.0", "transformer.h.1"]), lm.trace(TEXTS[:2]):
+        h1 = lm.transformer.h[1].output.save()
+    assert torch.equal(stored(store, "nnm", 0, "transformer.h.1"), h1)
+    meta, tensors = store.get_detector_metadata("nnm", 0)
+    assert meta["tokens"] == 3 + 6
+    enc = gpt2_tokenizer()
+    enc.pad_token, enc.padding_side = enc.eos_token, "left"  # what nnsight sets up
+    expected = enc(TEXTS[:2], padding=True, return_tensors="pt")
+    inputs = tensors["attention_masks"]
+    assert torch.equal(inputs["attention_mask"], expected["attention_mask"])
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    assert inputs["attention_mask"][0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert store.get_run_metadata("nnm")["model"]["class"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
+
+
 def test_nnsight_capture_sees_interventions(nnsight: Any) -> None:
     """The capture stores what the module returned after an edit made inside the trace."""
     lm = language_models(nnsight)[0]
@@ -289,3 +333,19 @@ def test_transformer_bridge_capture_is_run_with_cache(bridge: Any) -> None:
     assert torch.equal(stored(store, "br", 0, "blocks.1.hook_out"), cache["blocks.1.hook_resid_post"])
     assert torch.equal(stored(store, "br", 0, "blocks.0.hook_out"), cache["blocks.0.hook_out"])
     assert stored(store, "br", 0, "blocks.1.hook_out").shape == (2, 5, 32)
+
+
+def test_transformer_bridge_capture_takes_hooked_transformer_names(bridge: Any) -> None:
+    """Under its HookedTransformer alias a bridge hook point is captured (and stored under the
+    name given); ``run_with_cache``, which calls the bridge's forward directly, is a batch too."""
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(3))
+    names = ["blocks.1.hook_resid_post", "blocks.0.hook_out"]
+    _, cache = bridge.run_with_cache(ids, names_filter=names)
+    store = MemoryStore()
+    with ActivationCapture(bridge, store, "bra", names):
+        bridge(ids)
+        bridge.run_with_cache(ids, names_filter=names)
+    assert store.list_run_batches("bra") == [0, 1]
+    for batch in (0, 1):
+        for name in names:
+            assert torch.equal(stored(store, "bra", batch, name), cache[name]), (batch, name)
