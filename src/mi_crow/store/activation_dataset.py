@@ -36,8 +36,11 @@ import json
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
+import types
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -203,6 +206,12 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         prefetch: Batches made ready ahead on the background thread (0: read in the caller).
         read_ahead: Stored batches fetched concurrently ahead of the reader (0: one at a time,
             when needed). Each holds one stored batch's rows of the layer in memory.
+        repeat: Go on epoch after epoch for as long as the consumer asks, calling
+            ``set_epoch(epoch + 1)`` (a fresh snapshot) after each, so that a trainer taking an
+            iterator of ``[batch, D]`` tensors (SAELens's) can train for any number of tokens;
+            ``state_dict()`` stays exact across epochs. In this process or through
+            :class:`ActivationLoader` (which repeats the epochs itself); a plain DataLoader's
+            workers are refused. Raises ``ValueError`` if a fresh epoch yields no batch.
 
     Examples:
         >>> import torch
@@ -236,6 +245,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         world_size: int = 1,
         prefetch: int = 2,
         read_ahead: int = 4,
+        repeat: bool = False,
     ):
         super().__init__()
         self.run_ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
@@ -260,6 +270,8 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
+        if not isinstance(repeat, bool):
+            raise ValueError(f"repeat must be a bool, got {repeat!r}")
         self.store = store
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -275,6 +287,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         self.world_size = world_size
         self.prefetch = prefetch
         self.read_ahead = read_ahead
+        self.repeat = repeat
         self.epoch = 0
         self._snapshot: tuple[int, Snapshot] | None = None  # (epoch, its snapshot)
         self._resume: Resume | None = None  # for the next iteration
@@ -738,11 +751,40 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 start += bs
             if start < block.shape[0]:
                 carry, have = [block[start:]], block.shape[0] - start
-        if have and not self.drop_last:
+        if have:
             yield torch.cat(carry) if len(carry) > 1 else carry[0]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """One epoch (``set_epoch`` chooses which) of this rank's and worker's rows."""
+        """One epoch (``set_epoch`` chooses which) of this rank's and worker's rows; with
+        ``repeat``, one epoch after another."""
+        info = get_worker_info()
+        if info is not None and self.repeat and not self._tagged:
+            raise ValueError(
+                "ActivationDataset(repeat=True) cannot be iterated by a plain DataLoader's workers (each worker "
+                "would start the next epoch on its own, and no state_dict could say where they got): use "
+                f"mi_crow.store.ActivationLoader(dataset, num_workers={info.num_workers}), which repeats the "
+                "epochs itself, or num_workers=0"
+            )
+        if _collated_by_dataloader():
+            warnings.warn(
+                "ActivationDataset makes its own [batch_size, D] batches, and this DataLoader batches them again "
+                "(each becomes [1, batch_size, D]): pass batch_size=None to the DataLoader, or use "
+                "mi_crow.store.ActivationLoader(dataset, num_workers=...)",
+                UserWarning,
+                stacklevel=2,
+            )
+        epoch, batches, resumed = self._start()
+        if self._tagged:
+            return batches  # type: ignore[return-value]  # ActivationLoader merges the short batches and repeats epochs itself
+        positions = self._state["rows"] if self._state is not None and info is None else {}
+        merged = _merged(batches, positions, self.batch_size, self.drop_last)
+        if self.repeat:
+            return self._repeating(epoch, merged, resumed)
+        return merged
+
+    def _start(self) -> tuple[int, Iterator[tuple[int, int, torch.Tensor]], bool]:
+        """The next iteration: its epoch, its batches as ``(shard, shard's rows after it, batch)``
+        and whether it resumes a saved position."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         here, total = self.rank * workers + worker, self.world_size * workers
@@ -760,7 +802,23 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         if info is None:
             self._state = {"epoch": epoch, "snapshot": snapshot, "shards": shards, "rows": positions, "group": group}
             self._worker_mark = int(self._shared[1])
-        return self._iterate(epoch, self._chunks(epoch, snapshot), shards, positions, group, self._tagged)
+        batches = self._iterate(epoch, self._chunks(epoch, snapshot), shards, dict(positions), group)
+        return epoch, batches, resume is not None
+
+    def _repeating(self, epoch: int, batches: Iterator[torch.Tensor], resumed: bool) -> Iterator[torch.Tensor]:
+        """``repeat``: after each epoch, ``set_epoch(epoch + 1)`` (a fresh snapshot) and go on."""
+        while True:
+            count = 0
+            for batch in batches:
+                count += 1
+                yield batch
+            if not count and not resumed:
+                raise ValueError(_no_rows(epoch, self.run_ids, self.layer, self.rank))
+            self.set_epoch(epoch + 1)
+            epoch, more, resumed = self._start()
+            batches = _merged(
+                more, self._state["rows"] if self._state is not None else {}, self.batch_size, self.drop_last
+            )
 
     def _iterate(
         self,
@@ -769,17 +827,93 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         shards: int,
         positions: dict[int, int],
         group: int,
-        tagged: bool,
+        tagged: bool = True,
     ) -> Iterator[Any]:
+        """``(shard, the shard's rows up to the end of this batch, batch)`` for each batch of
+        each of the ``positions``' shards, from its position on (each shard's last batch may be
+        short: :func:`_merged` makes them whole); just the batches if not ``tagged``."""
         # Several shards in one iterator only when resuming with fewer ranks or workers than the
         # state was taken with: each is read to its end, in turn.
-        for shard in list(positions):
-            blocks = self._blocks(epoch, chunks[shard::shards], shard, shards, positions[shard], group)
+        for shard, start in positions.items():
+            at = start
+            blocks = self._blocks(epoch, chunks[shard::shards], shard, shards, start, group)
             for batch in self._batches(self._prefetched(blocks)):
-                positions[shard] += batch.shape[0]
+                at += batch.shape[0]
                 if self.device is not None:
                     batch = batch.to(self.device, non_blocking=self.pin_memory)
-                yield (shard, positions[shard], batch) if tagged else batch
+                yield (shard, at, batch) if tagged else batch
+
+
+def _collated_by_dataloader() -> bool:
+    """Whether ``iter(dataset)`` is being called by a DataLoader that batches what it yields
+    (``DataLoader(ds)`` without ``batch_size=None``): torch's iterable-dataset fetcher, created
+    with ``auto_collation``, calls it in its ``__init__``. Looks a few frames up; ``False`` if
+    torch's internals are not what they were (never an error)."""
+    try:
+        from torch.utils.data._utils.fetch import _IterableDatasetFetcher
+
+        frame: types.FrameType | None = sys._getframe(2)
+        for _ in range(4):
+            if frame is None:
+                return False
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, _IterableDatasetFetcher):
+                return getattr(owner, "auto_collation", False) is True
+            frame = frame.f_back
+    except Exception:  # torch moved or renamed its fetcher: no warning, never a failure
+        return False
+    return False
+
+
+def _no_rows(epoch: int, runs: Sequence[str], layer: str, rank: int) -> str:
+    return (
+        f"repeat=True: epoch {epoch} of runs {list(runs)} (layer {layer!r}) gave rank {rank} no batch, so repeating "
+        "would never yield one: the runs hold no batch yet, or fewer rows than one batch with drop_last, or fewer "
+        "stored batches than ranks x workers"
+    )
+
+
+def _merged(
+    batches: Iterator[tuple[int, int, torch.Tensor]], positions: dict[int, int], size: int, drop_last: bool
+) -> Iterator[torch.Tensor]:
+    """Batches of ``size`` rows from tagged batches of several shards, only the last one short.
+
+    A shard's last batch of an epoch may be short; it is held, and the held rows of several
+    shards are handed out together as soon as they make ``size`` rows, so only the epoch's very
+    last batch can be short (dropped with ``drop_last``). ``positions`` (shard -> rows handed out)
+    advances only by rows actually handed out: a shard whose held rows are not (or only partly)
+    handed out resumes with them, since a position is any number of rows into its stream.
+    """
+    held: collections.deque[tuple[int, int, torch.Tensor]] = collections.deque()  # (shard, start, rows)
+    have = 0
+    for shard, end, batch in batches:
+        n = batch.shape[0]
+        if n >= size:
+            positions[shard] = end
+            yield batch
+            continue
+        held.append((shard, end - n, batch))
+        have += n
+        if have < size:
+            continue
+        parts = []
+        need = size
+        while need:
+            s, start, rows = held[0]
+            k = min(need, rows.shape[0])
+            parts.append(rows[:k])
+            positions[s] = start + k
+            need -= k
+            if k == rows.shape[0]:
+                held.popleft()
+            else:
+                held[0] = (s, start + k, rows[k:])
+        have -= size
+        yield torch.cat(parts)
+    if held and not drop_last:
+        for s, start, rows in held:
+            positions[s] = start + rows.shape[0]
+        yield torch.cat([rows for *_, rows in held]) if len(held) > 1 else held[0][2]
 
 
 class ActivationLoader(DataLoader):  # type: ignore[type-arg]
@@ -835,6 +969,14 @@ class ActivationLoader(DataLoader):  # type: ignore[type-arg]
         self._position = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
+        epoch, batches, resumed = self._epoch()
+        if self.source.repeat:
+            return self._repeating(epoch, batches, resumed)
+        return batches
+
+    def _epoch(self) -> tuple[int, Iterator[torch.Tensor], bool]:
+        """The next epoch's batches (short ones merged across shards), its number and whether
+        it resumes a saved position."""
         ds, copy_ = self.source, self.dataset
         assert isinstance(copy_, ActivationDataset)
         epoch, snapshot, resume = ds._next_plan()
@@ -847,13 +989,20 @@ class ActivationLoader(DataLoader):  # type: ignore[type-arg]
         # Checked here too, before any worker starts (each worker would say it as well).
         positions = _positions(resume, shards, rows, [s for s in range(shards) if s % total in mine])
         self._position = {"epoch": epoch, "snapshot": snapshot, "shards": shards, "rows": positions, "group": group}
-        return self._track(super().__iter__(), positions)
+        return epoch, _merged(super().__iter__(), positions, ds.batch_size, ds.drop_last), resume is not None
 
-    @staticmethod
-    def _track(batches: Iterator[Any], positions: dict[int, int]) -> Iterator[torch.Tensor]:
-        for shard, rows, batch in batches:
-            positions[shard] = rows
-            yield batch
+    def _repeating(self, epoch: int, batches: Iterator[torch.Tensor], resumed: bool) -> Iterator[torch.Tensor]:
+        """``repeat``: after each epoch, ``set_epoch(epoch + 1)`` on the dataset (a fresh snapshot,
+        which persistent workers see too) and the next epoch."""
+        while True:
+            count = 0
+            for batch in batches:
+                count += 1
+                yield batch
+            if not count and not resumed:
+                raise ValueError(_no_rows(epoch, self.source.run_ids, self.source.layer, self.source.rank))
+            self.source.set_epoch(epoch + 1)
+            epoch, batches, resumed = self._epoch()
 
     def state_dict(self) -> dict[str, Any]:
         """Where this rank got in the current epoch, in the form of :meth:`ActivationDataset.state_dict`
