@@ -152,23 +152,24 @@ def select_element(value: Any, element: Element, layer: str, what: str = "output
             the layer, the element and what ``value`` holds.
     """
     where = f"element {element!r} of the {what} of layer {layer!r}"
+    be = "are" if what.endswith("s") else "is"
     if isinstance(element, int):
         items: Any = value.to_tuple() if isinstance(value, Mapping) and hasattr(value, "to_tuple") else value
         if not isinstance(items, (tuple, list)):
-            raise ValueError(f"{where}: an int selects from a tuple or list, and the {what} is {_describe(value)}")
+            raise ValueError(f"{where}: an int selects from a tuple or list, and the {what} {be} {_describe(value)}")
         if not -len(items) <= element < len(items):
-            raise ValueError(f"{where} is out of range: the {what} is {_describe(items)}")
+            raise ValueError(f"{where} is out of range: the {what} {be} {_describe(items)}")
         found = items[element]
     else:
         if not isinstance(value, Mapping):
             raise ValueError(
-                f"{where}: a str selects from a mapping or ModelOutput, and the {what} is {_describe(value)}"
+                f"{where}: a str selects from a mapping or ModelOutput, and the {what} {be} {_describe(value)}"
             )
         if element not in value:
-            raise ValueError(f"{where} does not exist: the {what} is {_describe(value)}")
+            raise ValueError(f"{where} does not exist: the {what} {be} {_describe(value)}")
         found = value[element]
     if not isinstance(found, torch.Tensor):
-        raise ValueError(f"{where} is {_describe(found)}, not a tensor: the {what} is {_describe(value)}")
+        raise ValueError(f"{where} is {_describe(found)}, not a tensor: the {what} {be} {_describe(value)}")
     return found
 
 
@@ -328,7 +329,7 @@ class ActivationCapture:
         stats: Keep per-layer statistics of the stored rows in the run's metadata (computed in
             the writer thread, off the model's path); ``False`` leaves them out.
         progress: Show a progress bar of the stored batches and tokens (``None``: unless in quiet
-            mode, :func:`mi_crow.store._progress.disable_progress_bars`).
+            mode, :func:`mi_crow.store.disable_progress_bars`).
 
     Attributes:
         next_batch: The index the next forward call is stored at; after that, the next index of
@@ -339,7 +340,7 @@ class ActivationCapture:
         batches: This rank's batches in the run (stored before and during this capture).
         tokens: This rank's tokens in the run.
         bytes: Bytes of tensors this capture wrote.
-        layer_stats: This rank's running statistics, ``{layer: LayerStats}``.
+        layer_stats: This rank's running statistics, ``{layer: LayerStats}`` (:class:`mi_crow.store.LayerStats`).
 
     The run's metadata (``meta.json``) is merged with :meth:`Store.update_run_metadata` when the
     capture is entered (if the run exists), after its first batch, at most once a second while
@@ -349,12 +350,12 @@ class ActivationCapture:
     each writer, ``capture.batches`` / ``capture.tokens`` summed over the writers,
     ``capture.masked`` (true only if every batch of every writer had a mask) and
     ``capture.stats`` (every writer's statistics merged, as
-    :func:`mi_crow.store.stats.read_stats` reads them); other fields are kept. Batches committed
+    :func:`mi_crow.store.read_stats` reads them); other fields are kept. Batches committed
     after a writer's entry was last written (a crash) are counted, and their statistics computed
     from their stored tensors, when that rank resumes. A capture that fails before it stored a
     batch into a run that did not exist leaves no run.
 
-    Statistics (:class:`mi_crow.store.stats.LayerStats`: count, mean, variance, norms) cover,
+    Statistics (:class:`mi_crow.store.LayerStats`: count, mean, variance, norms) cover,
     for each layer, the stored rows of every batch: the non-padding rows when the batch has a
     mask that matches the activations' leading dimensions (``[B, T, D]`` are ``B * T`` rows of
     ``D``, those where the mask is 0 left out), all rows otherwise. ``capture.stats[layer]`` is
