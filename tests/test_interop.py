@@ -349,3 +349,45 @@ def test_transformer_bridge_capture_takes_hooked_transformer_names(bridge: Any) 
     for batch in (0, 1):
         for name in names:
             assert torch.equal(stored(store, "bra", batch, name), cache[name]), (batch, name)
+
+
+def test_element_picks_another_tuple_element() -> None:
+    """``element=1`` on GPT-2's attention stores its attention weights; ``element={layer: ...}``
+    chooses per layer."""
+    model = eager_gpt2()
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    seen: list[Any] = []
+    handle = model.h[0].attn.register_forward_hook(lambda m, a, out: seen.append(out))
+    store = MemoryStore()
+    try:
+        with ActivationCapture(model, store, "w", ["h.0.attn"], element=1) as cap:
+            cap.run(input_ids=ids)
+        with ActivationCapture(model, store, "w2", ["h.0.attn", "h.0"], element={"h.0.attn": -1}) as cap:
+            cap.run(input_ids=ids)
+    finally:
+        handle.remove()
+    weights = seen[0][1]
+    assert weights.shape == (2, 2, 5, 5)
+    assert torch.equal(stored(store, "w", 0, "h.0.attn"), weights)
+    assert torch.equal(stored(store, "w2", 0, "h.0.attn"), seen[1][1])
+    assert stored(store, "w2", 0, "h.0").shape == (2, 5, 32)
+
+
+def test_element_that_is_not_there_is_a_clear_error() -> None:
+    """An element past the tuple's end, or one that is not a tensor (sdpa attention's weights are
+    None), is refused with what the output holds, and nothing is stored for the batch."""
+    model = tiny_gpt2(head=False)  # sdpa: the attention returns (attn_output, None)
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    for element, message in [
+        (2, r"element 2 of the output of layer 'h.0.attn' is out of range: the output is a tuple of length 2"),
+        (1, r"element 1 of the output of layer 'h.0.attn' is a NoneType, not a tensor"),
+    ]:
+        store = MemoryStore()
+        with (
+            pytest.raises(ValueError, match=message),
+            ActivationCapture(model, store, "bad", ["h.0.attn"], element=element) as cap,
+        ):
+            cap.run(input_ids=ids)
+        assert store.list_run_batches("bad") == []
+    with pytest.raises(ValueError, match=r"element must be an int .* got float 1\.5"):
+        ActivationCapture(model, MemoryStore(), "bad", ["h.0.attn"], element=1.5)  # type: ignore[arg-type]
