@@ -30,9 +30,12 @@ DataLoader workers) resumes exactly, also with another number of ranks or worker
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
+import difflib
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -49,7 +52,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mi_crow.store import _keys
+from mi_crow.store import _tensor_file as tf
+from mi_crow.store._commit import named_generation
+from mi_crow.store._layout import LayoutStore
 from mi_crow.store._names import check_layer, check_name
+from mi_crow.store.stats import LayerStats, read_stats
 from mi_crow.store.store import Store
 
 _DONE = object()
@@ -121,7 +129,11 @@ Resume = tuple[int, dict[int, int], int]
 
 # Settings that decide which rows an epoch yields in which order: a state_dict resumes only a
 # dataset that agrees on them (batch size, ranks and workers may differ).
-_ORDER_SETTINGS = ("run_ids", "layer", "key", "shuffle", "seed", "shuffle_buffer_bytes", "drop_padding")
+_ORDER_SETTINGS = ("run_ids", "layer", "key", "shuffle", "seed", "shuffle_buffer_bytes", "drop_padding", "normalize")
+
+_NORMALIZE = (None, "norm", "standard")
+_EPS = 1e-6  # in "standard" normalization: (x - mean) / sqrt(var + _EPS)
+_RUN_BATCH = ""  # in a batch's names: the keys of a put_run_batch file (any layer reads them)
 
 
 # Shuffled windows grow to their full size over the first _RAMP windows of a shard.
@@ -245,6 +257,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         world_size: int = 1,
         prefetch: int = 2,
         read_ahead: int = 4,
+        normalize: str | None = None,
         repeat: bool = False,
     ):
         super().__init__()
@@ -272,6 +285,8 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
         if not isinstance(repeat, bool):
             raise ValueError(f"repeat must be a bool, got {repeat!r}")
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize must be one of {list(_NORMALIZE)}, got {normalize!r}")
         self.store = store
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -288,6 +303,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         self.prefetch = prefetch
         self.read_ahead = read_ahead
         self.repeat = repeat
+        self.normalize = normalize
         self.epoch = 0
         self._snapshot: tuple[int, Snapshot] | None = None  # (epoch, its snapshot)
         self._resume: Resume | None = None  # for the next iteration
@@ -302,6 +318,17 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         weakref.finalize(self, _remove_plans, self._plans, self._owner)
         self._worker_mark = 0
         self._tagged = False  # ActivationLoader's copy: yields (shard, rows, batch)
+        # Per run: the layer whose mask_key holds its masks (the layer's own, in runs captured
+        # before masks were stored once per batch, or the inputs pseudo-layer), tried first.
+        self._mask_layer: dict[str, str] = {}
+        self._sizes: dict[tuple[str, int], tuple[int, int]] = {}  # (run, batch) -> (rows, width)
+        self._norm: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._check_names()
+        self.stats: LayerStats | None = self._read_stats() if normalize is not None else None
+        self.scaling_factor: float | None = None
+        if normalize == "norm":
+            assert self.stats is not None
+            self.scaling_factor = math.sqrt(self.stats.d) / self.stats.mean_norm
 
     # ------------------------------------------------------------------ epochs, snapshots, state
 
@@ -410,6 +437,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             "seed": self.seed,
             "shuffle_buffer_bytes": self.shuffle_buffer_bytes,
             "drop_padding": self.drop_padding,
+            "normalize": self.normalize,
             "rank": self.rank,
             "world_size": self.world_size,
         }
@@ -545,27 +573,302 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
 
     def _load_rows(self, run: str, index: int) -> torch.Tensor:
         """Rows ``[n, D]`` of one stored batch (padding dropped if asked)."""
-        try:
-            acts = self.store.get_detector_metadata_by_layer_by_key(run, index, self.layer, self.key)
-        except FileNotFoundError:
-            batch = self.store.get_run_batch(run, index)
-            if not isinstance(batch, dict) or self.key not in batch:
-                raise FileNotFoundError(
-                    f"batch {index} of run {run!r} has no {self.layer!r}/{self.key!r} tensor"
-                ) from None
-            acts = batch[self.key]
+        acts = self._load_acts(run, index)
         if acts.dim() == 0:
             raise ValueError(f"{self.layer!r}/{self.key!r} of batch {index} of run {run!r} is 0-d; expected [..., D]")
         rows = acts.reshape(-1, acts.shape[-1]) if acts.dim() != 2 else acts
         if self.drop_padding:
-            mask = self.store.get_detector_metadata_by_layer_by_key(run, index, self.layer, self.mask_key)
-            if tuple(mask.shape) != tuple(acts.shape[:-1]):
-                raise ValueError(
-                    f"mask {self.mask_key!r} of batch {index} of run {run!r} has shape {tuple(mask.shape)}, "
-                    f"activations {tuple(acts.shape)}: expected {tuple(acts.shape[:-1])}"
-                )
-            rows = rows[mask.reshape(-1).to(torch.bool)]
+            rows = rows[self._load_mask(run, index, tuple(acts.shape)).reshape(-1).to(torch.bool)]
         return rows
+
+    def _load_acts(self, run: str, index: int) -> torch.Tensor:
+        try:
+            return self.store.get_detector_metadata_by_layer_by_key(run, index, self.layer, self.key)
+        except FileNotFoundError:
+            pass
+        # A batch written with put_run_batch. (Not a batch of the per-layer layout without this
+        # layer: get_run_batch would answer with another layer's activations.)
+        batch: Any = None
+        if not isinstance(self.store, LayoutStore) or self.store._exists(self.store._run_batch_file(run, index)):
+            with contextlib.suppress(FileNotFoundError):
+                batch = self.store.get_run_batch(run, index)
+        if not isinstance(batch, dict) or self.key not in batch:
+            raise FileNotFoundError(f"batch {index} of run {run!r} has no {self.layer!r}/{self.key!r} tensor")
+        return batch[self.key]  # type: ignore[no-any-return]
+
+    def _load_mask(self, run: str, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The attention mask ``[B, T]`` of a stored batch whose activations are ``shape``: from the
+        layer's own keys (runs captured before) or the batch's inputs pseudo-layer."""
+        first = self._mask_layer.get(run, _keys.INPUTS_LAYER)
+        mask: torch.Tensor | None = None
+        for layer in dict.fromkeys((first, self.layer, _keys.INPUTS_LAYER)):
+            try:
+                mask = self.store.get_detector_metadata_by_layer_by_key(run, index, layer, self.mask_key)
+            except FileNotFoundError:
+                continue
+            self._mask_layer[run] = layer
+            break
+        if mask is None:
+            raise ValueError(self._no_mask(run, index))
+        if tuple(mask.shape) != shape[:-1]:
+            raise ValueError(
+                f"mask {self.mask_key!r} of batch {index} of run {run!r} has shape {tuple(mask.shape)}, "
+                f"activations {shape}: expected {shape[:-1]}"
+            )
+        return mask
+
+    def _no_mask(self, run: str, index: int) -> str:
+        return (
+            f"drop_padding=True needs each batch's attention mask, and batch {index} of run {run!r} has none "
+            f"({self.mask_key!r} is neither under layer {self.layer!r} nor under the inputs pseudo-layer "
+            f"{_keys.INPUTS_LAYER!r}): it was captured without one, for example with model(**enc) instead of "
+            "cap.run(**enc). Capture through ActivationCapture with the attention mask passed to the model "
+            "(cap.run(input_ids=..., attention_mask=...), or `mi-crow-store capture`), or read it with "
+            "drop_padding=False (padding positions are then rows too)"
+        )
+
+    # ------------------------------------------------------------------ checks at construction
+
+    def _check_names(self) -> None:
+        """Refuse, before any epoch, a run the store lacks or a layer/key (or, with drop_padding,
+        a mask) the runs' first stored batch lacks; a run without a batch yet is allowed."""
+        runs: list[str] | None = None
+        for run in self.run_ids:
+            indices = self.store.list_run_batches(run)
+            if not indices:
+                runs = self.store.list_runs() if runs is None else runs
+                if run not in runs:
+                    raise ValueError(f"run {run!r} is not in the store{_suggest(run, runs)}; its runs: {_listed(runs)}")
+                self._check_recorded_layers(run)
+                continue
+            names = self._batch_names(run, indices[0])
+            where = f"batch {indices[0]} of run {run!r}"
+            layers = sorted(n for n in names if n != _RUN_BATCH)
+            keys = names.get(self.layer, names.get(_RUN_BATCH))
+            if keys is None:
+                hint = _suggest(self.layer, layers)
+                raise ValueError(f"layer {self.layer!r} is not in {where}{hint}; its layers: {_listed(layers)}")
+            if self.key not in keys:
+                raise ValueError(
+                    f"key {self.key!r} is not in layer {self.layer!r} of {where}{_suggest(self.key, keys)}; "
+                    f"its keys: {_listed(sorted(keys))}"
+                )
+            if self.drop_padding:
+                for layer in (self.layer, _keys.INPUTS_LAYER):
+                    if self.mask_key in names.get(layer, ()):
+                        self._mask_layer[run] = layer
+                        break
+                else:
+                    raise ValueError(self._no_mask(run, indices[0]))
+
+    def _check_recorded_layers(self, run: str) -> None:
+        """A run with no batch yet: its metadata's ``layers`` (what its capture stores), if recorded."""
+        layers = self.store.get_run_metadata(run).get("layers")
+        if isinstance(layers, list) and all(isinstance(x, str) for x in layers) and self.layer not in layers:
+            raise ValueError(
+                f"layer {self.layer!r} is not among the layers run {run!r} is captured with (its metadata, no batch "
+                f"stored yet){_suggest(self.layer, layers)}: {_listed(sorted(layers))}"
+            )
+
+    def _batch_names(self, run: str, index: int) -> dict[str, list[str]]:
+        """``{layer: [key, ...]}`` of one stored batch (``_RUN_BATCH`` for a put_run_batch file's
+        keys): from its metadata.json or the file's safetensors header on a LayoutStore (no tensor
+        data read), else by loading the batch through the public API."""
+        store = self.store
+        if isinstance(store, LayoutStore):
+            meta_key = f"{store._batch_dir(run, index)}/{_keys.METADATA_FILE}"
+            where = store._where(meta_key)
+            try:
+                meta = store._read_json_object(meta_key)
+            except FileNotFoundError:
+                pass
+            else:
+                if _keys.TENSOR_NAMES_FIELD not in meta:
+                    raise ValueError(f"{where} has no {_keys.TENSOR_NAMES_FIELD!r} field")
+                return store._read_names_field(meta[_keys.TENSOR_NAMES_FIELD], where)
+            key = store._run_batch_file(run, index)
+            with store._open(key) as f:
+                header = tf.read_header(f, store._where(key))
+            return {_RUN_BATCH: [k for k in header.tensors if k != _keys.EMPTY_LIST_NAME]}
+        _, tensors = store.get_detector_metadata(run, index)
+        if tensors:
+            return {layer: list(keys) for layer, keys in tensors.items()}
+        batch = store.get_run_batch(run, index)
+        return {_RUN_BATCH: list(batch) if isinstance(batch, dict) else []}
+
+    def _read_stats(self) -> LayerStats:
+        """The layer's statistics merged over the runs (``normalize``)."""
+        merged: LayerStats | None = None
+        for run in self.run_ids:
+            try:
+                stats = read_stats(self.store, run)
+            except KeyError as e:
+                raise ValueError(
+                    f"normalize={self.normalize!r} needs the statistics of every run: {e.args[0]}"
+                ) from None
+            if self.layer not in stats:
+                raise ValueError(
+                    f"normalize={self.normalize!r}: run {run!r} has statistics of layers {sorted(stats)}, "
+                    f"not of {self.layer!r}"
+                )
+            capture = self.store.get_run_metadata(run).get("capture")
+            captured_key = capture.get("key") if isinstance(capture, dict) else None
+            if isinstance(captured_key, str) and captured_key != self.key:
+                raise ValueError(
+                    f"normalize={self.normalize!r}: the statistics of run {run!r} describe key {captured_key!r}, "
+                    f"not {self.key!r}"
+                )
+            merged = stats[self.layer] if merged is None else merged.merged(stats[self.layer])
+        assert merged is not None
+        if not merged.count or (self.normalize == "norm" and not merged.mean_norm > 0):
+            raise ValueError(
+                f"normalize={self.normalize!r}: the statistics of layer {self.layer!r} of runs {self.run_ids} count "
+                f"{merged.count} rows of mean norm {merged.mean_norm}: nothing to scale by"
+            )
+        return merged
+
+    # ------------------------------------------------------------------ sizes
+
+    def __len__(self) -> int:
+        """Batches this rank yields in an epoch of the current snapshot, as in this process or
+        through :class:`ActivationLoader` (only the last may be short; ``drop_last`` drops it).
+
+        A plain ``DataLoader(ds, batch_size=None, num_workers=k)`` yields up to ``k - 1`` more
+        (each worker's shard ends with its own short batch), and with ``world_size > 1`` its
+        rank's share depends on ``k``: ``len()`` of such a loader asks this method, which then
+        answers for it (``k`` read from the calling loader); ``len(ActivationLoader(ds,
+        num_workers=k))`` is the count with merged short batches. Reads only tensor headers (and
+        masks, with ``drop_padding``), once per stored batch.
+        """
+        workers = _plain_loader_workers()
+        if workers:
+            return self._length_per_shard(workers)
+        return self._length(1)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of this rank's share of an epoch of the current snapshot (padding dropped with
+        ``drop_padding``; counting a short last batch that ``drop_last`` drops), as for ``len``."""
+        return self._rows(1)
+
+    @property
+    def d_in(self) -> int:
+        """The width ``D`` of a row (what an SAE's ``d_in`` is), from the first stored batch's
+        tensor header, or the runs' statistics when no batch is stored yet.
+
+        Raises:
+            ValueError: If no batch is stored yet and the runs have no statistics.
+        """
+        snapshot = self._epoch_snapshot()
+        for run in self.run_ids:
+            if snapshot[run]:
+                return self._size(run, snapshot[run][0])[1]
+        if self.stats is not None:
+            return self.stats.d
+        for run in self.run_ids:
+            try:
+                stats = read_stats(self.store, run)
+            except (KeyError, ValueError):
+                continue
+            if self.layer in stats:
+                return stats[self.layer].d
+        raise ValueError(f"runs {self.run_ids} hold no batch yet (and no statistics): the row width is not known yet")
+
+    def _epoch_snapshot(self) -> Snapshot:
+        """The current epoch's snapshot (taken now, and kept for its iteration, if not yet)."""
+        if self._snapshot is None or self._snapshot[0] != self.epoch:
+            self._snapshot = (self.epoch, self._take_snapshot())
+        return self._snapshot[1]
+
+    def _mine(self, workers: int) -> list[tuple[str, int]]:
+        """This rank's stored batches of the current epoch when each rank has ``workers`` shards."""
+        chunks = self._chunks(self.epoch, self._epoch_snapshot())
+        shards = self.world_size * workers
+        return [c for i, c in enumerate(chunks) if (i % shards) // workers == self.rank]
+
+    def _rows(self, workers: int) -> int:
+        mine = self._mine(workers)
+        todo = [c for c in mine if c not in self._sizes]
+        if len(todo) > 1 and self.read_ahead > 1:
+            with ThreadPoolExecutor(self.read_ahead, thread_name_prefix="mi-crow-store-size") as pool:
+                list(pool.map(lambda c: self._size(*c), todo))
+        return sum(self._size(run, index)[0] for run, index in mine)
+
+    def _length(self, workers: int) -> int:
+        rows = self._rows(workers)
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def _length_per_shard(self, workers: int) -> int:
+        """Batches of this rank under a plain DataLoader with ``workers`` workers: each shard's own."""
+        self._rows(workers)  # reads the headers concurrently
+        chunks = self._chunks(self.epoch, self._epoch_snapshot())
+        shards = self.world_size * workers
+        total = 0
+        for shard in range(self.rank * workers, (self.rank + 1) * workers):
+            rows = sum(self._size(run, index)[0] for run, index in chunks[shard::shards])
+            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+        return total
+
+    def _size(self, run: str, index: int) -> tuple[int, int]:
+        """(rows, width) of one stored batch, from its tensor header (and mask), cached."""
+        cached = self._sizes.get((run, index))
+        if cached is not None:
+            return cached
+        shape = self._shape(run, index)
+        if not shape:
+            raise ValueError(f"{self.layer!r}/{self.key!r} of batch {index} of run {run!r} is 0-d; expected [..., D]")
+        rows = math.prod(shape[:-1])
+        if self.drop_padding:
+            rows = int(self._load_mask(run, index, shape).reshape(-1).to(torch.bool).sum())
+        self._sizes[(run, index)] = (rows, shape[-1])
+        return rows, shape[-1]
+
+    def _shape(self, run: str, index: int) -> tuple[int, ...]:
+        """The shape of the layer/key tensor of a stored batch: its safetensors header on a
+        LayoutStore, else the tensor itself."""
+        store = self.store
+        if not isinstance(store, LayoutStore):
+            return tuple(self._load_acts(run, index).shape)
+        batch_dir = store._batch_dir(run, index)
+        meta_key = f"{batch_dir}/{_keys.METADATA_FILE}"
+        try:
+            meta = store._read_json_object(meta_key)
+        except FileNotFoundError:
+            key, name = store._run_batch_file(run, index), self.key
+        else:
+            generation = named_generation(meta, store._where(meta_key))
+            rel = _keys.in_generation(_keys.tensor_file(self.layer, self.key), generation)
+            key, name = f"{batch_dir}/{rel}", _keys.TENSOR_NAME
+        where = store._where(key)
+        try:
+            with store._open(key) as f:
+                entry = tf.read_header(f, where).tensors.get(name)
+        except FileNotFoundError:
+            entry = None
+        if entry is None:
+            raise FileNotFoundError(f"batch {index} of run {run!r} has no {self.layer!r}/{self.key!r} tensor ({where})")
+        return tuple(entry.shape)
+
+    # ------------------------------------------------------------------ normalization
+
+    def _normalized(self, batch: torch.Tensor) -> torch.Tensor:
+        """``normalize`` applied to a batch, in its dtype (after conversion), on its device."""
+        stats = self.stats
+        assert stats is not None
+        if batch.shape[-1] != stats.d:
+            raise ValueError(
+                f"normalize={self.normalize!r}: rows of layer {self.layer!r} have width {batch.shape[-1]}, its "
+                f"statistics width {stats.d}"
+            )
+        if self.scaling_factor is not None:
+            return batch * self.scaling_factor
+        where = (batch.device, batch.dtype)
+        consts = self._norm.get(where)
+        if consts is None:
+            mean = stats.mean.to(device=batch.device, dtype=batch.dtype)
+            inv = (stats.var + _EPS).rsqrt().to(device=batch.device, dtype=batch.dtype)
+            consts = self._norm[where] = (mean, inv)
+        return (batch - consts[0]) * consts[1]
 
     def _fetch(self, run: str, index: int) -> torch.Tensor:
         """One stored batch's rows, ready to use: pages faulted in, converted when sequential."""
@@ -841,7 +1144,39 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 at += batch.shape[0]
                 if self.device is not None:
                     batch = batch.to(self.device, non_blocking=self.pin_memory)
+                if self.stats is not None:
+                    batch = self._normalized(batch)
                 yield (shard, at, batch) if tagged else batch
+
+
+def _listed(names: Sequence[str], most: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > most else ''}]"
+
+
+def _suggest(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _plain_loader_workers() -> int:
+    """The ``num_workers`` of a plain ``DataLoader`` (not an :class:`ActivationLoader`) whose
+    ``__len__`` is calling ``len(dataset)``; 0 if none (or if torch's internals differ)."""
+    try:
+        frame: types.FrameType | None = sys._getframe(2)
+        for _ in range(3):
+            if frame is None:
+                return 0
+            owner = frame.f_locals.get("self")
+            if frame.f_code.co_name == "__len__" and isinstance(owner, DataLoader):
+                if isinstance(owner, ActivationLoader) or owner.batch_size is not None:
+                    return 0
+                workers = owner.num_workers
+                return workers if isinstance(workers, int) and workers > 0 else 0
+            frame = frame.f_back
+    except Exception:  # torch's DataLoader changed: the count for this process
+        return 0
+    return 0
 
 
 def _collated_by_dataloader() -> bool:
@@ -990,6 +1325,23 @@ class ActivationLoader(DataLoader):  # type: ignore[type-arg]
         positions = _positions(resume, shards, rows, [s for s in range(shards) if s % total in mine])
         self._position = {"epoch": epoch, "snapshot": snapshot, "shards": shards, "rows": positions, "group": group}
         return epoch, _merged(super().__iter__(), positions, ds.batch_size, ds.drop_last), resume is not None
+
+    def __len__(self) -> int:
+        """Batches this rank's loader yields in an epoch of the current snapshot (only the last
+        may be short): :meth:`ActivationDataset.__len__` for this loader's workers. With
+        ``repeat``, the batches of one epoch."""
+        return self.source._length(max(1, self.num_workers))
+
+    @property
+    def num_rows(self) -> int:
+        """:attr:`ActivationDataset.num_rows` for this loader's workers (with ``world_size > 1`` a
+        rank's share of the stored batches depends on them)."""
+        return self.source._rows(max(1, self.num_workers))
+
+    @property
+    def d_in(self) -> int:
+        """:attr:`ActivationDataset.d_in`."""
+        return self.source.d_in
 
     def _repeating(self, epoch: int, batches: Iterator[torch.Tensor], resumed: bool) -> Iterator[torch.Tensor]:
         """``repeat``: after each epoch, ``set_epoch(epoch + 1)`` on the dataset (a fresh snapshot,
