@@ -248,3 +248,16 @@ def test_a_failed_start_leaves_no_run_and_a_retry_with_other_settings_works() ->
     ok = capture_corpus(model, tok, store, "r", ["transformer.h.1"], long, batch_size=1, max_length=16,
                         progress=False)  # fmt: skip
     assert (ok.batches, ok.tokens) == (1, 16)
+
+
+def test_mask_of_reads_the_inputs_pseudo_layer_or_a_layers_own_mask() -> None:
+    from mi_crow.store.corpus import mask_of
+
+    store = MemoryStore()
+    mask = torch.tensor([[1, 1, 0]])
+    acts = {"activations": torch.zeros(1, 3, 4)}
+    store.put_detector_metadata("new", 0, {}, {"attention_masks": {"attention_mask": mask}, "l": acts})
+    store.put_detector_metadata("old", 0, {}, {"l": {**acts, "attention_mask": mask}})  # a mask per layer, as before
+    store.put_detector_metadata("none", 0, {}, {"l": acts})
+    assert torch.equal(mask_of(store, "new", 0, "l"), mask) and torch.equal(mask_of(store, "old", 0, "l"), mask)
+    assert mask_of(store, "none", 0, "l") is None

@@ -230,6 +230,7 @@ def capture(
         )
     if max_tokens is not None and world_size > 1:
         raise click.UsageError("--max-tokens is a budget of the whole run: it needs --world-size 1")
+    store = _open_for_writing(store_dir, runs_prefix=runs_prefix, model_prefix=model_prefix)  # writes nothing yet
     source = texts_file if texts_file is not None else dataset_path
     assert source is not None
     try:
@@ -257,7 +258,6 @@ def capture(
             raise click.UsageError(str(e).replace("pad_token= (--pad-token)", "--pad-token")) from None
         if note:
             click.echo(f"note: {note}", err=True)
-    store = _open_for_writing(store_dir, runs_prefix=runs_prefix, model_prefix=model_prefix)
     model = cls.from_pretrained(model_name).to(device).eval()
     layer_names = [name.strip() for name in layers.split(",") if name.strip()]
 
