@@ -231,7 +231,7 @@ def test_a_hugging_face_tuple_and_model_output() -> None:
         "element 1 of the output of layer 'transformer.h.0.attn' is a NoneType, not a tensor: the output is a "
         "tuple of length 2 (Tensor, NoneType)"
     )
-    assert store.list_runs() == []  # a failed start leaves no run behind
+    assert store.list_run_batches("t") == []  # nothing stored for the failed call
     bert = tiny_bert()
     with ActivationCapture(bert, store, "b", ["encoder"], element="last_hidden_state", progress=False) as cap:
         out = cap.run(input_ids=ids, attention_mask=mask)
@@ -288,7 +288,7 @@ def test_a_bad_element_names_the_layer_and_what_the_output_holds(element: Any, i
     capture = ActivationCapture(model, store, "bad", [layer], element=element, inputs=inputs, progress=False)
     with pytest.raises(ValueError, match=re.escape(message)), capture, torch.no_grad():
         model(torch.randn(1, 2, 4))
-    assert store.list_runs() == []
+    assert store.list_run_batches("bad") == []
 
 
 def test_bad_element_settings_refused_before_anything_is_written() -> None:

@@ -343,17 +343,15 @@ class ActivationCapture:
         layer_stats: This rank's running statistics, ``{layer: LayerStats}`` (:class:`mi_crow.store.LayerStats`).
 
     The run's metadata (``meta.json``) is merged with :meth:`Store.update_run_metadata` when the
-    capture is entered (if the run exists), after its first batch, at most once a second while
-    it runs (less often when a merge takes long: the writer spends at most about 5% of its time
-    on them) and when it closes: ``capture.world_size``, ``capture.element``,
+    capture is entered, at most once a second while it runs (less often when a merge takes long:
+    the writer spends at most about 5% of its time on them) and when it closes: ``capture.world_size``, ``capture.element``,
     ``capture.writers[str(rank)] = {batches, tokens, last_batch, masked, stats, updated}`` for
     each writer, ``capture.batches`` / ``capture.tokens`` summed over the writers,
     ``capture.masked`` (true only if every batch of every writer had a mask) and
     ``capture.stats`` (every writer's statistics merged, as
     :func:`mi_crow.store.read_stats` reads them); other fields are kept. Batches committed
     after a writer's entry was last written (a crash) are counted, and their statistics computed
-    from their stored tensors, when that rank resumes. A capture that fails before it stored a
-    batch into a run that did not exist leaves no run.
+    from their stored tensors, when that rank resumes.
 
     Statistics (:class:`mi_crow.store.LayerStats`: count, mean, variance, norms) cover,
     for each layer, the stored rows of every batch: the non-padding rows when the batch has a
@@ -485,7 +483,6 @@ class ActivationCapture:
         self._stats: dict[str, LayerStats] = {}
         self._skipped: dict[str, str] = {}  # layers whose statistics are not kept, and why
         self._last_batch: int | None = None  # this rank's last stored batch
-        self._fresh = False  # the run held nothing when the capture was entered
         self._meta_written = 0.0
         self._publish_every = 1.0
         self._bar: Any = None
@@ -544,11 +541,8 @@ class ActivationCapture:
                 if self.keep_stats:
                     self._add_stats(tensors, f"batch {index}")
         self._last_batch = own[-1] if own else None
-        self._fresh = not existing and not prior
-        if self._fresh:
-            self._meta_written = float("-inf")  # the first stored batch publishes the run's metadata
-        else:
-            self._publish()
+        # Published before any batch: a writer killed after its first batch leaves its world size recorded.
+        self._publish()
         self._error, self._error_raised = None, False
         share = f" rank {rank}" if world > 1 else ""
         self._bar = progress_bar(self.progress, desc=f"capture {self.run_id}{share}", unit=" batches")
@@ -570,13 +564,10 @@ class ActivationCapture:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._close(failed=exc is not None)
+        self.close()
 
     def close(self) -> None:
         """Remove the hooks, write every committed batch, and raise any writer error."""
-        self._close(failed=False)
-
-    def _close(self, *, failed: bool) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -589,8 +580,7 @@ class ActivationCapture:
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
-            # A start that failed before storing anything leaves no run behind.
-            if self._error is None and not (failed and self._fresh and not self.batches):
+            if self._error is None:
                 self._publish()
         if self._bar is not None:
             self._bar.close()
