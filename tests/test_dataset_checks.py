@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mi_crow.store import ActivationDataset, ActivationLoader, LocalStore, MemoryStore, Store
+from hf_models import gpt2_tokenizer, tiny_gpt2
+from mi_crow.store import (
+    ActivationCapture,
+    ActivationDataset,
+    ActivationLoader,
+    LocalStore,
+    MemoryStore,
+    Store,
+    StoreDataloader,
+)
 
 D = 4
 
@@ -196,3 +206,184 @@ def test_repeat_is_refused_under_plain_dataloader_workers(tmp_path: Path) -> Non
         next(iter(empty))
     with pytest.raises(ValueError, match="repeat must be a bool"):
         ActivationDataset(local, "r", "L", repeat=1)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- captured runs
+
+LAYERS = ["transformer.h.0", "transformer.h.1"]
+TEXTS = ["the cat sat", "a dog ran far away now", "the cat", "a dog sat on the mat today", "cat"]
+
+
+def capture(store: Store, run: str, *, stats: bool = True) -> torch.Tensor:
+    """Capture a tiny GPT-2 (random weights) into ``run``, two texts a batch, padded on the right;
+    returns the stored non-padding rows of layer ``transformer.h.1``, in stored order."""
+    model, tok = tiny_gpt2(), gpt2_tokenizer()
+    tok.pad_token = tok.eos_token
+    kept = []
+    with ActivationCapture(model, store, run, LAYERS, stats=stats, progress=False) as cap:
+        for i in range(0, len(TEXTS), 2):
+            enc = tok(TEXTS[i : i + 2], return_tensors="pt", padding=True)
+            cap.run(**enc)
+            out = model.transformer(**enc).last_hidden_state  # not h.1's output: only its mask is used
+            kept.append(enc["attention_mask"].reshape(-1).bool())
+            del out
+    rows = []
+    for i, mask in enumerate(kept):
+        acts = store.get_detector_metadata_by_layer_by_key(run, i, LAYERS[1], "activations")
+        rows.append(acts.reshape(-1, acts.shape[-1])[mask])
+    return torch.cat(rows)
+
+
+def test_a_wrong_run_layer_or_key_fails_at_construction(store: Store) -> None:
+    capture(store, "gpt2")
+    for args, fragment in (
+        (("gpt", LAYERS[0]), r"run 'gpt' is not in the store \(did you mean 'gpt2'\?\); its runs: \['gpt2'\]"),
+        (
+            ("gpt2", "h.1"),
+            r"layer 'h.1' is not in batch 0 of run 'gpt2'.*its layers: \['attention_masks', 'transformer.h.0', "
+            r"'transformer.h.1'\]",
+        ),
+        (
+            ("gpt2", LAYERS[1], "activation"),
+            r"key 'activation' is not in layer 'transformer.h.1' of batch 0 of run 'gpt2' \(did you mean "
+            r"'activations'\?\); its keys: \['activations'\]",
+        ),
+    ):
+        with pytest.raises(ValueError, match=fragment):
+            ActivationDataset(store, *args)
+    with pytest.raises(ValueError, match=r"run 'other' is not in the store"):
+        ActivationDataset(store, ["gpt2", "other"], LAYERS[0])
+    # A run that holds no batch yet (being captured) is fine; its recorded layers are checked.
+    store.put_run_metadata("later", {"layers": LAYERS})
+    assert list(ActivationDataset(store, "later", LAYERS[0])) == []
+    with pytest.raises(ValueError, match=r"not among the layers run 'later' is captured with"):
+        ActivationDataset(store, "later", "transformer.h.2")
+    # mi_crow 1.0's loader keeps its signature and fails at its first iteration.
+    loader = StoreDataloader(store, "gpt2", "h.1")
+    with pytest.raises(ValueError, match=r"layer 'h.1' is not in batch 0 of run 'gpt2'.*'transformer.h.1'"):
+        next(iter(loader))
+    with pytest.raises(ValueError, match=r"run 'gpt' is not in the store"):
+        next(iter(StoreDataloader(store, "gpt", LAYERS[0])))
+    assert sum(b.shape[0] for b in StoreDataloader(store, "gpt2", LAYERS[0], batch_size=4)) > 0
+
+
+def test_drop_padding_reads_the_batch_inputs_and_says_what_to_do_without_a_mask(store: Store) -> None:
+    kept = capture(store, "gpt2")
+    ds = ActivationDataset(store, "gpt2", LAYERS[1], batch_size=8, drop_padding=True)
+    got = torch.cat(list(ds))
+    assert torch.equal(got, kept)  # the mask of the inputs pseudo-layer, once per batch
+    assert ds.num_rows == kept.shape[0] and ds.d_in == 32
+    # The layout of runs captured before: the mask under each layer; and the pseudo-layer
+    # written directly (mi_crow 1.0's own capture).
+    acts = torch.arange(2 * 3 * D, dtype=torch.float32).reshape(2, 3, D)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    store.put_detector_metadata("old", 0, {}, {"L": {"activations": acts, "attention_mask": mask}})
+    store.put_detector_metadata("new", 0, {}, {"L": {"activations": acts}, "attention_masks": {"attention_mask": mask}})
+    for run in ("old", "new"):
+        rows = torch.cat(list(ActivationDataset(store, run, "L", drop_padding=True)))
+        assert torch.equal(rows, acts.reshape(-1, D)[mask.reshape(-1).bool()])
+    # Captured without a mask: a ValueError that says what to do, at construction.
+    store.put_detector_metadata("bare", 0, {}, {"L": {"activations": acts}})
+    fix = r"drop_padding=True needs each batch's attention mask.*cap.run\(\*\*enc\).*drop_padding=False"
+    with pytest.raises(ValueError, match=fix):
+        ActivationDataset(store, "bare", "L", drop_padding=True)
+    # A later batch without one: the same ValueError when it is read (never a bare FileNotFoundError).
+    store.put_detector_metadata("new", 1, {}, {"L": {"activations": acts}})
+    with pytest.raises(ValueError, match=r"batch 1 of run 'new' has none"):
+        list(ActivationDataset(store, "new", "L", drop_padding=True))
+    with pytest.raises(ValueError, match=r"batch 1 of run 'new' has none"):
+        len(ActivationDataset(store, "new", "L", drop_padding=True))
+
+
+class CountingStore(LocalStore):
+    """Counts reads of activation tensors (what the sizes must not need)."""
+
+    reads = 0
+
+    def get_detector_metadata_by_layer_by_key(
+        self, run_id: str, batch_index: int, layer: str, key: str
+    ) -> torch.Tensor:
+        if key == "activations":
+            type(self).reads += 1
+        return super().get_detector_metadata_by_layer_by_key(run_id, batch_index, layer, key)
+
+
+@pytest.mark.parametrize("drop_padding", [False, True])
+def test_sizes_from_headers_match_what_is_yielded(tmp_path: Path, drop_padding: bool) -> None:
+    store = CountingStore(tmp_path)
+    end = make_run(store, "r", SHORT)
+    for i in range(len(SHORT)):  # every third position is padding
+        n = SHORT[i]
+        mask = (torch.arange(n) % 3 != 2).long().reshape(n, 1)
+        store.put_detector_metadata(
+            "r",
+            i,
+            {},
+            {"L": {"activations": store.get_detector_metadata_by_layer_by_key("r", i, "L", "activations")}}
+            | {"attention_masks": {"attention_mask": mask}},
+        )
+    CountingStore.reads = 0
+    rows = sum(int((torch.arange(n) % 3 != 2).sum()) for n in SHORT) if drop_padding else end
+    settings: list[dict[str, Any]] = [{}, {"drop_last": True}, {"shuffle": True}, {"world_size": 2, "rank": 1}]
+    for kw in settings:
+
+        def dataset(batch_size: int = 4, **more: Any) -> ActivationDataset:
+            return ActivationDataset(store, "r", "L", batch_size=batch_size, drop_padding=drop_padding, **kw | more)
+
+        ds = dataset()
+        share = sum(b.shape[0] for b in dataset(1000, drop_last=False))
+        assert ds.d_in == D
+        assert ds.num_rows == share and (share == rows or "world_size" in kw)
+        expected = share // 4 if kw.get("drop_last") else -(-share // 4)
+        reads = CountingStore.reads
+        assert len(ds) == expected
+        assert CountingStore.reads == reads  # no tensor data read for the sizes
+        assert len(list(ds)) == expected
+        for workers in (0, 2):
+            loader = ActivationLoader(dataset(), num_workers=workers)
+            assert len(loader) == len(list(loader)), (kw, workers)
+            assert loader.num_rows == sum(b.shape[0] for b in dataset(1000, drop_last=False)) or workers
+            plain = DataLoader(dataset(), batch_size=None, num_workers=workers)
+            assert len(plain) == len(list(plain)), (kw, workers)  # torch warns if more come than len says
+
+
+# ---------------------------------------------------------------------- normalize
+
+
+def test_normalize_with_the_runs_statistics(store: Store) -> None:
+    kept = capture(store, "gpt2").double()
+    norm = ActivationDataset(store, "gpt2", LAYERS[1], batch_size=8, drop_padding=True, normalize="norm")
+    expected_factor = math.sqrt(32) / float(kept.norm(dim=1).mean())
+    assert norm.scaling_factor is not None
+    assert norm.scaling_factor == pytest.approx(expected_factor, rel=1e-6)
+    scaled = torch.cat(list(norm)).double()
+    assert torch.allclose(scaled, kept * norm.scaling_factor, rtol=1e-5, atol=1e-6)
+    assert float(scaled.norm(dim=1).mean()) == pytest.approx(math.sqrt(32), rel=1e-4)  # SAELens's target
+    standard = ActivationDataset(store, "gpt2", LAYERS[1], drop_padding=True, normalize="standard")
+    z = torch.cat(list(standard)).double()
+    expected = (kept - kept.mean(0)) / (kept.var(0, unbiased=False) + 1e-6).sqrt()
+    assert torch.allclose(z, expected, atol=1e-4)
+    assert standard.scaling_factor is None
+    half = ActivationDataset(store, "gpt2", LAYERS[1], dtype=torch.float16, normalize="norm")
+    assert {b.dtype for b in half} == {torch.float16}  # applied in the output dtype
+    # Merged over several runs: the statistics of all their rows.
+    more = capture(store, "gpt2b")
+    both = ActivationDataset(store, ["gpt2", "gpt2b"], LAYERS[1], drop_padding=True, normalize="norm")
+    assert both.scaling_factor == pytest.approx(
+        math.sqrt(32) / float(torch.cat([kept, more.double()]).norm(dim=1).mean()), rel=1e-6
+    )
+    # A state records it: a resume with another normalization is refused.
+    state = norm.state_dict()
+    assert state["normalize"] == "norm"
+    plain = ActivationDataset(store, "gpt2", LAYERS[1], batch_size=8, drop_padding=True)
+    with pytest.raises(ValueError, match=r"other settings: \['normalize'\]"):
+        plain.load_state_dict(state)
+    # Runs without statistics: a ValueError naming the run, at construction.
+    capture(store, "nostats", stats=False)
+    with pytest.raises(ValueError, match=r"normalize='standard' needs the statistics of every run: run 'nostats'"):
+        ActivationDataset(store, ["gpt2", "nostats"], LAYERS[1], normalize="standard")
+    make_run(store, "bare", [4])
+    with pytest.raises(ValueError, match=r"run 'bare' has no per-layer statistics"):
+        ActivationDataset(store, "bare", "L", normalize="norm")
+    with pytest.raises(ValueError, match=r"normalize must be one of \[None, 'norm', 'standard'\], got 'l2'"):
+        ActivationDataset(store, "gpt2", LAYERS[1], normalize="l2")

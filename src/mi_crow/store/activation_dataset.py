@@ -641,7 +641,7 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                     raise ValueError(f"run {run!r} is not in the store{_suggest(run, runs)}; its runs: {_listed(runs)}")
                 self._check_recorded_layers(run)
                 continue
-            names = self._batch_names(run, indices[0])
+            names = _batch_names(self.store, run, indices[0])
             where = f"batch {indices[0]} of run {run!r}"
             layers = sorted(n for n in names if n != _RUN_BATCH)
             keys = names.get(self.layer, names.get(_RUN_BATCH))
@@ -669,32 +669,6 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 f"layer {self.layer!r} is not among the layers run {run!r} is captured with (its metadata, no batch "
                 f"stored yet){_suggest(self.layer, layers)}: {_listed(sorted(layers))}"
             )
-
-    def _batch_names(self, run: str, index: int) -> dict[str, list[str]]:
-        """``{layer: [key, ...]}`` of one stored batch (``_RUN_BATCH`` for a put_run_batch file's
-        keys): from its metadata.json or the file's safetensors header on a LayoutStore (no tensor
-        data read), else by loading the batch through the public API."""
-        store = self.store
-        if isinstance(store, LayoutStore):
-            meta_key = f"{store._batch_dir(run, index)}/{_keys.METADATA_FILE}"
-            where = store._where(meta_key)
-            try:
-                meta = store._read_json_object(meta_key)
-            except FileNotFoundError:
-                pass
-            else:
-                if _keys.TENSOR_NAMES_FIELD not in meta:
-                    raise ValueError(f"{where} has no {_keys.TENSOR_NAMES_FIELD!r} field")
-                return store._read_names_field(meta[_keys.TENSOR_NAMES_FIELD], where)
-            key = store._run_batch_file(run, index)
-            with store._open(key) as f:
-                header = tf.read_header(f, store._where(key))
-            return {_RUN_BATCH: [k for k in header.tensors if k != _keys.EMPTY_LIST_NAME]}
-        _, tensors = store.get_detector_metadata(run, index)
-        if tensors:
-            return {layer: list(keys) for layer, keys in tensors.items()}
-        batch = store.get_run_batch(run, index)
-        return {_RUN_BATCH: list(batch) if isinstance(batch, dict) else []}
 
     def _read_stats(self) -> LayerStats:
         """The layer's statistics merged over the runs (``normalize``)."""
@@ -1147,6 +1121,32 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                 if self.stats is not None:
                     batch = self._normalized(batch)
                 yield (shard, at, batch) if tagged else batch
+
+
+def _batch_names(store: Store, run: str, index: int) -> dict[str, list[str]]:
+    """``{layer: [key, ...]}`` of one stored batch (``_RUN_BATCH`` for a put_run_batch file's
+    keys): from its metadata.json or the file's safetensors header on a LayoutStore (no tensor
+    data read), else by loading the batch through the public API."""
+    if isinstance(store, LayoutStore):
+        meta_key = f"{store._batch_dir(run, index)}/{_keys.METADATA_FILE}"
+        where = store._where(meta_key)
+        try:
+            meta = store._read_json_object(meta_key)
+        except FileNotFoundError:
+            pass
+        else:
+            if _keys.TENSOR_NAMES_FIELD not in meta:
+                raise ValueError(f"{where} has no {_keys.TENSOR_NAMES_FIELD!r} field")
+            return store._read_names_field(meta[_keys.TENSOR_NAMES_FIELD], where)
+        key = store._run_batch_file(run, index)
+        with store._open(key) as f:
+            header = tf.read_header(f, store._where(key))
+        return {_RUN_BATCH: [k for k in header.tensors if k != _keys.EMPTY_LIST_NAME]}
+    _, tensors = store.get_detector_metadata(run, index)
+    if tensors:
+        return {layer: list(keys) for layer, keys in tensors.items()}
+    batch = store.get_run_batch(run, index)
+    return {_RUN_BATCH: list(batch) if isinstance(batch, dict) else []}
 
 
 def _listed(names: Sequence[str], most: int = 20) -> str:

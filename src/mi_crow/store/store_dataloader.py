@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mi_crow.store.activation_dataset import _RUN_BATCH, _batch_names, _listed, _suggest
 from mi_crow.store.store import Store
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,13 @@ class StoreDataloader:
     layout falls back to ``get_run_batch`` (its ``key`` entry, else ``"activations"``).
     Mini-batches do not span stored batches, as in mi_crow 1.0.
 
+    Unlike mi_crow 1.0, a run the store does not hold, or a layer its first stored batch (of the
+    per-batch layout) does not hold, is an error at the first iteration, not an epoch of nothing
+    (or of another layer's activations, which ``get_run_batch``'s fallback returns for a run of
+    one layer); the first batch's names are read from its ``metadata.json``, no tensor is loaded.
+    A stored batch without the tensor is still skipped, and a missing ``key`` still falls back
+    to ``"activations"``, as in mi_crow 1.0.
+
     Args:
         store: The store to read.
         run_id: The run to iterate over.
@@ -32,6 +40,10 @@ class StoreDataloader:
         device: Move to this device, if given.
         max_batches: Stop after this many mini-batches per epoch, if given.
         logger_instance: Logger for debug messages (mi_crow 1.0's argument).
+
+    Raises:
+        ValueError: At the first iteration, if the run is not in the store or its first stored
+            batch has no ``layer`` (the message lists the runs, or the batch's layers).
 
     Examples:
         >>> import torch
@@ -63,6 +75,24 @@ class StoreDataloader:
         self.device = device
         self.max_batches = max_batches
         self.logger = logger_instance or logger
+        self._checked = False
+
+    def _check(self, batches: list[int]) -> None:
+        """The run and layer exist (checked once, at the first iteration)."""
+        if not batches:
+            runs = self.store.list_runs()
+            if self.run_id not in runs:
+                hint = _suggest(self.run_id, runs)
+                raise ValueError(f"run {self.run_id!r} is not in the store{hint}; its runs: {_listed(runs)}")
+        else:
+            names = _batch_names(self.store, self.run_id, batches[0])
+            if _RUN_BATCH not in names and str(self.layer) not in names:
+                layers = sorted(names)
+                raise ValueError(
+                    f"layer {self.layer!r} is not in batch {batches[0]} of run {self.run_id!r}"
+                    f"{_suggest(str(self.layer), layers)}; its layers: {_listed(layers)}"
+                )
+        self._checked = True
 
     def _load(self, batch_index: int) -> torch.Tensor | None:
         try:
@@ -84,7 +114,10 @@ class StoreDataloader:
         """A new epoch over the run's batches, in stored order."""
         yielded = 0
         bs = max(1, int(self.batch_size))
-        for batch_index in self.store.list_run_batches(self.run_id):
+        batches = self.store.list_run_batches(self.run_id)
+        if not self._checked:
+            self._check(batches)
+        for batch_index in batches:
             if self.max_batches is not None and yielded >= self.max_batches:
                 return
             acts = self._load(batch_index)
