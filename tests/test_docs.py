@@ -24,6 +24,7 @@ MODULES = [
     "mi_crow.store.activation_dataset",
     "mi_crow.store.store_dataloader",
     "mi_crow.store.capture",
+    "mi_crow.store.corpus",
 ]
 
 

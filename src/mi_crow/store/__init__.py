@@ -16,6 +16,7 @@ from mi_crow.store._open import open_store
 from mi_crow.store._progress import disable_progress_bars, enable_progress_bars
 from mi_crow.store.activation_dataset import ActivationDataset, ActivationLoader
 from mi_crow.store.capture import ActivationCapture
+from mi_crow.store.corpus import CaptureSetupError, CorpusReport, capture_corpus, pack_tokens, read_texts
 from mi_crow.store.errors import CorruptFileError, CorruptMetadataError, InvalidJSONError, StoreError
 from mi_crow.store.local_store import LocalStore
 from mi_crow.store.memory_store import MemoryStore
@@ -48,7 +49,9 @@ __all__ = [
     "ActivationDataset",
     "ActivationLoader",
     "Capabilities",
+    "CaptureSetupError",
     "CopyReport",
+    "CorpusReport",
     "CorruptFileError",
     "CorruptMetadataError",
     "GcReport",
@@ -63,9 +66,12 @@ __all__ = [
     "StoreError",
     "TensorMetadata",
     "__version__",
+    "capture_corpus",
     "copy_store",
     "disable_progress_bars",
     "enable_progress_bars",
     "open_store",
+    "pack_tokens",
     "read_stats",
+    "read_texts",
 ]
