@@ -5,7 +5,6 @@ the interop extra (skipped without it)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mi_crow.store import ActivationDataset, LocalStore, MemoryStore
+from mi_crow.store import ActivationCapture, ActivationDataset, LocalStore, MemoryStore
 from mi_crow.store.cli import main
 from mi_crow.store.sae_lens import (
     INSTALL_HINT,
@@ -55,15 +54,22 @@ def put_run(store: Any, seed: int = 0) -> torch.Tensor:
     return rows
 
 
-def epochs(ds: ActivationDataset, seen: list[int]) -> Iterator[torch.Tensor]:
-    """The dataset's batches epoch after epoch (set_epoch advancing), as SAELens's trainer asks
-    for them; ``seen`` gets each epoch's row count."""
-    for epoch in itertools.count():
-        ds.set_epoch(epoch)
-        seen.append(0)
-        for batch in ds:
-            seen[-1] += batch.shape[0]
-            yield batch
+def counted(ds: ActivationDataset, seen: dict[int, int]) -> Iterator[torch.Tensor]:
+    """``iter(ds)`` (``repeat=True``: never ending), counting the rows of each epoch in ``seen``."""
+    for batch in ds:
+        seen[ds.epoch] = seen.get(ds.epoch, 0) + batch.shape[0]
+        yield batch
+
+
+def capture_run(store: Any) -> torch.Tensor:
+    """A run captured with ActivationCapture (so with per-layer statistics) from a tiny torch model:
+    12 batches of [4, 8] token ids, layer "1" ([4, 8, 16]); returns its 384 rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, D_IN), torch.nn.Linear(D_IN, D_IN), torch.nn.GELU()).eval()
+    with torch.no_grad(), ActivationCapture(model, store, RUN, "1", progress=False):
+        for _ in range(BATCHES):
+            model(torch.randint(0, 50, (SEQS, TOKENS)))
+    return torch.cat([store.get_detector_metadata_by_layer_by_key(RUN, i, "1", "activations") for i in range(BATCHES)])
 
 
 def mse(sae: Any, rows: torch.Tensor) -> float:
@@ -88,48 +94,70 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 # ---------------------------------------------------------------------------- training from the store
 
 
-def test_sae_trainer_trains_from_an_activation_dataset_for_several_epochs() -> None:
-    """SAELens's SAETrainer (wandb off, nothing saved) takes the run's rows as its data provider for
-    more samples than one epoch holds: every epoch yields all 384 rows, the trainer gets the samples
-    it asked for, every parameter moves and the reconstruction error falls."""
+def test_sae_trainer_trains_from_a_repeating_activation_dataset() -> None:
+    """SAELens's SAETrainer (wandb off, nothing saved) takes ``iter(ActivationDataset(repeat=True))``
+    as its data provider for five epochs' worth of samples: each epoch yields all 384 rows, the SAE
+    is sized by ``ds.d_in``, the trainer gets the samples it asked for, every parameter moves and the
+    reconstruction error falls."""
     store = MemoryStore()
     rows = put_run(store)
-    ds = ActivationDataset(store, RUN, LAYER, batch_size=32, shuffle=True, seed=0)
-    sae = sl.StandardTrainingSAE(sl.StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l1_coefficient=0.1))
+    ds = ActivationDataset(store, RUN, LAYER, batch_size=32, shuffle=True, seed=0, repeat=True)
+    assert (len(ds), ds.d_in) == (BATCHES, D_IN)
+    sae = sl.StandardTrainingSAE(sl.StandardTrainingSAEConfig(d_in=ds.d_in, d_sae=D_SAE, l1_coefficient=0.1))
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     error_before = mse(sae, rows)
     cfg = SAETrainerConfig(total_training_samples=32 * 60, train_batch_size_samples=32, lr=3e-3, lr_end=3e-4)
     assert cfg.logger.log_to_wandb is False and cfg.checkpoint_path is None and not cfg.save_final_checkpoint
-    seen: list[int] = []
-    trainer = sl.SAETrainer(cfg=cfg, sae=sae, data_provider=epochs(ds, seen))
+    seen: dict[int, int] = {}
+    trainer = sl.SAETrainer(cfg=cfg, sae=sae, data_provider=counted(ds, seen))
     trained = trainer.fit()
     assert trained is sae and trainer.n_training_steps == 60 and trainer.n_training_samples == 32 * 60
-    assert len(seen) == 5 and seen[:4] == [ROWS] * 4  # 60 batches of 12 per epoch: 5 epochs begun, 4 whole
+    assert seen == {epoch: ROWS for epoch in range(5)} and ds.epoch == 4  # 60 batches, 12 an epoch
     assert all(not torch.equal(before[k], v) for k, v in sae.state_dict().items())
     assert mse(sae, rows) < 0.5 * error_before
 
 
-def test_sae_lens_norm_scaling_factor_is_sqrt_d_over_the_mean_row_norm() -> None:
-    """SAELens's "expected_average_only_in" normalisation estimates sqrt(d_in) / mean row norm from
-    the data provider; over one whole epoch of the dataset that is the run's figure, and the trainer
-    folds it into the weights (cfg back to "none")."""
+def test_normalize_norm_is_sae_lens_scaling_and_folds_into_the_trained_sae() -> None:
+    """``normalize="norm"``'s ``scaling_factor`` is the factor SAELens's ActivationScaler estimates
+    over one epoch of the raw rows (sqrt(d_in) / mean row norm); an SAE trained on the scaled rows,
+    with the factor folded in (as SAELens's trainer folds its own), reconstructs raw rows as the
+    unfolded one reconstructs scaled rows."""
     store = MemoryStore()
-    rows = put_run(store)
-    ds = ActivationDataset(store, RUN, LAYER, batch_size=32)
+    rows = capture_run(store)
+    raw = ActivationDataset(store, RUN, "1", batch_size=32)
     scaler = sl.training.activation_scaler.ActivationScaler()
-    scaler.estimate_scaling_factor(D_IN, iter(ds), n_batches_for_norm_estimate=BATCHES)
-    expected = D_IN**0.5 / float(rows.double().norm(dim=-1).mean())
-    assert scaler.scaling_factor == pytest.approx(expected, rel=1e-6)
+    scaler.estimate_scaling_factor(D_IN, iter(raw), n_batches_for_norm_estimate=len(raw))
+    ds = ActivationDataset(store, RUN, "1", batch_size=32, shuffle=True, repeat=True, normalize="norm")
+    assert ds.scaling_factor == pytest.approx(scaler.scaling_factor, rel=1e-6)
+    assert ds.scaling_factor == pytest.approx(D_IN**0.5 / float(rows.double().norm(dim=-1).mean()), rel=1e-6)
+    epoch = torch.cat([next(iter(ActivationDataset(store, RUN, "1", batch_size=ROWS, normalize="norm")))])
+    assert float(epoch.double().norm(dim=-1).mean()) == pytest.approx(D_IN**0.5, rel=1e-5)
 
+    sae = sl.StandardTrainingSAE(sl.StandardTrainingSAEConfig(d_in=ds.d_in, d_sae=D_SAE))
+    cfg = SAETrainerConfig(total_training_samples=32 * 30, train_batch_size_samples=32, lr=3e-3, lr_end=3e-4)
+    sl.SAETrainer(cfg=cfg, sae=sae, data_provider=iter(ds)).fit()
+    x = rows[:50]
+    with torch.no_grad():
+        on_scaled = sae.decode(sae.encode(x * ds.scaling_factor)) / ds.scaling_factor
+        sae.fold_activation_norm_scaling_factor(ds.scaling_factor)
+        assert torch.allclose(sae.decode(sae.encode(x)), on_scaled, atol=1e-5)
+
+
+def test_sae_lens_own_norm_estimate_reads_a_repeating_dataset_past_one_epoch() -> None:
+    """With ``normalize_activations="expected_average_only_in"`` the trainer estimates the factor
+    from the provider first (here 26 batches: more than two epochs) and folds it at the end."""
+    store = MemoryStore()
+    put_run(store)
+    ds = ActivationDataset(store, RUN, LAYER, batch_size=32, shuffle=True, repeat=True)
     cfg = sl.StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, normalize_activations="expected_average_only_in")
     sae = sl.StandardTrainingSAE(cfg)
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=32 * 4, train_batch_size_samples=32, lr_end=3e-5, n_batches_for_norm_estimate=BATCHES
+        total_training_samples=32 * 4, train_batch_size_samples=32, lr_end=3e-5, n_batches_for_norm_estimate=26
     )
-    seen: list[int] = []
-    sl.SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=epochs(ds, seen)).fit()
+    seen: dict[int, int] = {}
+    sl.SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=counted(ds, seen)).fit()
     assert sae.cfg.normalize_activations == "none"
-    assert seen[0] == ROWS  # the estimate read the first epoch whole
+    assert seen == {0: ROWS, 1: ROWS, 2: 6 * 32}  # 26 batches for the estimate and 4 to train: 12 + 12 + 6
 
 
 # ---------------------------------------------------------------------------- put_sae / get_sae
@@ -193,9 +221,9 @@ def test_a_trained_sae_goes_on_training_after_get_sae() -> None:
     put_sae(store, "sae", tiny_sae("StandardTrainingSAE"))
     sae = get_sae(store, "sae")
     stored = {k: v.clone() for k, v in sae.state_dict().items()}
-    ds = ActivationDataset(store, RUN, LAYER, batch_size=32, shuffle=True)
+    ds = ActivationDataset(store, RUN, LAYER, batch_size=32, shuffle=True, repeat=True)
     cfg = SAETrainerConfig(total_training_samples=32 * 3, train_batch_size_samples=32, lr_end=3e-5)
-    sl.SAETrainer(cfg=cfg, sae=sae, data_provider=epochs(ds, [])).fit()
+    sl.SAETrainer(cfg=cfg, sae=sae, data_provider=iter(ds)).fit()
     assert not torch.equal(sae.W_enc, stored["W_enc"])
     assert same_state(get_sae(store, "sae").state_dict(), stored)
 
