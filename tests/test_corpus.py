@@ -261,3 +261,14 @@ def test_mask_of_reads_the_inputs_pseudo_layer_or_a_layers_own_mask() -> None:
     store.put_detector_metadata("none", 0, {}, {"l": acts})
     assert torch.equal(mask_of(store, "new", 0, "l"), mask) and torch.equal(mask_of(store, "old", 0, "l"), mask)
     assert mask_of(store, "none", 0, "l") is None
+
+
+def test_a_run_captured_without_a_corpus_record_is_not_resumed() -> None:
+    from mi_crow.store import ActivationCapture
+
+    model, tok, store = tiny_gpt2(), gpt2_tokenizer(), MemoryStore()
+    with ActivationCapture(model, store, "r", ["transformer.h.0"]) as cap:
+        cap.run(**tok(["the cat"], return_tensors="pt"))
+    with pytest.raises(CaptureSetupError, match="holds 1 batch\\(es\\) with no record of the corpus") as e:
+        capture_corpus(model, tok, store, "r", ["transformer.h.0"], ["the cat"], progress=False)
+    assert e.value.setting == "corpus" and store.list_run_batches("r") == [0]

@@ -242,6 +242,8 @@ def capture(
         raise click.UsageError(str(e)) from None
     if not texts:
         raise click.UsageError(f"the corpus {str(source)!r} holds no text")
+    if Path(model_name).is_dir():  # recorded in the run: the same folder resumes from any working directory
+        model_name = str(Path(model_name).resolve())
     try:
         config = transformers.AutoConfig.from_pretrained(model_name)
     except (OSError, ValueError) as e:
