@@ -1,11 +1,12 @@
 """Capture cost: forward-only against ActivationCapture, on CPU and (when present) CUDA.
 
-    python benchmarks/capture.py [--quick] [--device cuda]
+    python benchmarks/capture.py [--quick] [--device cuda] [--stats both|on|off]
 
 A bf16 decoder stack (torch.nn.TransformerEncoderLayer, as in shared/bench/gpu_capture_baseline.py)
 runs N batches; k layers are captured. Side by side in one run, in rotating order:
-  forward only; ActivationCapture into a LocalStore (pipelined); and the naive way (.cpu() in
-  the hook, then a synchronous put_detector_metadata after each forward).
+  forward only; ActivationCapture into a LocalStore (pipelined), with its per-layer statistics
+  (the default) and without them (stats=False; --stats picks one or both); and the naive way
+  (.cpu() in the hook, then a synchronous put_detector_metadata after each forward).
 The floor is max(forward time, captured bytes / plain-write throughput), the write throughput
 being measured in the same run on the same directory with f.write of the same bytes.
 """
@@ -27,6 +28,12 @@ from mi_crow.store import ActivationCapture, LocalStore
 def extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the model (CPU)")
+    parser.add_argument(
+        "--stats",
+        choices=["both", "on", "off"],
+        default="both",
+        help="ActivationCapture with statistics, without, or both",
+    )
 
 
 def build(layers: int, d: int, heads: int, device: str) -> nn.Module:
@@ -61,12 +68,8 @@ def main() -> None:
     xs = [torch.randn(batch, tokens, d, device=device, dtype=torch.bfloat16) for _ in range(n)]
     per_batch = batch * tokens * d * 2 * len(captured)
     total = per_batch * n
-    times: dict[str, list[float]] = {
-        "forward only": [],
-        "ActivationCapture": [],
-        "naive (.cpu() + sync put)": [],
-        "plain write of the bytes": [],
-    }
+    with_stats = {"both": [True, False], "on": [True], "off": [False]}[args.stats]
+    cap_names = {True: "ActivationCapture (stats on)", False: "ActivationCapture (stats off)"}
     with work_dir(args.dir) as root, torch.inference_mode():
         for _ in range(2):  # warm-up
             model(xs[0])
@@ -81,10 +84,10 @@ def main() -> None:
             sync(device)
             return time.perf_counter() - t0
 
-        def capture(rep: int) -> float:
+        def capture(rep: int, stats: bool) -> float:
             store = LocalStore(root / f"cap{rep}")
             t0 = time.perf_counter()
-            with ActivationCapture(model, store, "run", captured):
+            with ActivationCapture(model, store, "run", captured, stats=stats, progress=False):
                 for x in xs:
                     model(x)
             sync(device)
@@ -118,10 +121,11 @@ def main() -> None:
 
         candidates = {
             "forward only": forward_only,
-            "ActivationCapture": capture,
+            **{cap_names[on]: (lambda rep, on=on: capture(rep, on)) for on in with_stats},
             "naive (.cpu() + sync put)": naive,
             "plain write of the bytes": plain,
         }
+        times: dict[str, list[float]] = {name: [] for name in candidates}
         names = list(candidates)
         for rep in range(reps):
             # Rotate the order; each candidate starts with its predecessor's files gone and
@@ -140,6 +144,9 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, {reps} rounds\n"
     )
     print_table(["", "median", "vs forward only", "vs floor"], rows)
+    if len(with_stats) == 2:
+        on, off = median(times[cap_names[True]]), median(times[cap_names[False]])
+        print(f"\nstatistics on / off: {on:.3f} s / {off:.3f} s = {on / off:.3f}")
     print(f"\nfloor = max(forward {fwd:.3f} s, captured bytes / plain write {write:.3f} s) = {floor:.3f} s")
 
 

@@ -361,6 +361,18 @@ def test_statistics_are_those_of_the_stored_non_padding_rows(store: Store) -> No
     assert writer["stats"] == store.get_run_metadata("s")["capture"]["stats"]
 
 
+def test_statistics_in_chunks_equal_those_of_all_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mi_crow.store.capture as capture_module
+
+    monkeypatch.setattr(capture_module, "_STATS_CHUNK", 7 * 32)  # 7 rows of 32 at a time
+    store = MemoryStore()
+    capture_gpt2(store, "k", range(3))
+    for layer, s in read_stats(store, "k").items():
+        assert_stats_of(s, stored_rows(store, "k", layer, range(3)))
+    rows = torch.randn(50, 3, dtype=torch.float64) * 100 + 1e4  # a mean far from 0: two-pass sums
+    assert_stats_of(capture_module._stats_of(rows, {}), rows)
+
+
 def test_two_ranks_merge_and_resume(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "s")
     capture_gpt2(store, "r", [0, 2], rank=0, world_size=2)
