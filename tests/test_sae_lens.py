@@ -22,15 +22,15 @@ from mi_crow.store.cli import main
 from mi_crow.store.sae_lens import (
     INSTALL_HINT,
     METADATA_FIELD,
-    _sae_lens,
     export_sae_lens,
     get_sae,
     get_sae_config,
+    import_sae_lens,
     put_sae,
 )
 
 try:
-    sl = _sae_lens()  # quiet about TransformerLens's deprecation of the module SAELens imports
+    sl = import_sae_lens()  # quiet about TransformerLens's deprecation of the module SAELens imports
 except ImportError:  # pragma: no cover - the interop extra is not installed
     pytest.skip("SAELens is not installed (the interop extra)", allow_module_level=True)
 

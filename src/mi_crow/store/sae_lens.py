@@ -40,6 +40,7 @@ __all__ = [
     "export_sae_lens",
     "get_sae",
     "get_sae_config",
+    "import_sae_lens",
     "put_sae",
 ]
 
@@ -54,8 +55,24 @@ _FORMAT = 1
 _INFERENCE, _TRAINING = "sae", "training_sae"
 
 
-def _sae_lens() -> ModuleType:
-    """Import SAELens, or raise an ``ImportError`` that says how to install it."""
+def import_sae_lens() -> ModuleType:
+    """Import SAELens and return the ``sae_lens`` module, or raise an ``ImportError`` that says how
+    to install it.
+
+    Quiet about one warning: SAELens 6.54 imports ``transformer_lens.utils``, which
+    TransformerLens 3.9 deprecates (with warnings made errors, as under pytest or
+    ``python -W error``, that import would otherwise fail). Later ``import sae_lens`` statements
+    find the module loaded.
+
+    Raises:
+        ImportError: If SAELens is not installed (the message names
+            ``pip install 'mi-crow-store[interop]'``).
+
+    Examples:
+        >>> from mi_crow.store.sae_lens import import_sae_lens
+        >>> import_sae_lens().__name__
+        'sae_lens'
+    """
     try:
         with warnings.catch_warnings():
             # SAELens 6.54 imports transformer_lens.utils, which TransformerLens 3.9 deprecates; the
@@ -136,17 +153,17 @@ def put_sae(
 
     Examples:
         >>> import tempfile
-        >>> from sae_lens import StandardSAE, StandardSAEConfig
         >>> from mi_crow.store import LocalStore
-        >>> from mi_crow.store.sae_lens import get_sae, put_sae
+        >>> from mi_crow.store.sae_lens import get_sae, import_sae_lens, put_sae
+        >>> sae_lens = import_sae_lens()
         >>> store = LocalStore(tempfile.mkdtemp())
-        >>> sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64))
+        >>> sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=16, d_sae=64))
         >>> put_sae(store, "sae-l1", sae, metadata={"run": "r", "layer": "h.1"})
         'models/sae-l1'
         >>> type(get_sae(store, "sae-l1")).__name__
         'StandardSAE'
     """
-    sl = _sae_lens()
+    sl = import_sae_lens()
     if not isinstance(sae, sl.SAE):
         raise TypeError(f"sae must be a sae_lens.SAE, got {type(sae).__name__}")
     kind = _TRAINING if isinstance(sae, sl.TrainingSAE) else _INFERENCE
@@ -239,7 +256,7 @@ def get_sae(store: Store, model_id: str, *, device: str = "cpu", dtype: str | No
         ValueError: If the model was not stored by ``put_sae``, or SAELens does not know its
             architecture.
     """
-    _sae_lens()
+    import_sae_lens()
     tensors, meta = store.get_model(model_id)
     return _rebuild(tensors, _info(meta, model_id), device, dtype)
 
@@ -298,13 +315,13 @@ def export_sae_lens(store: Store, model_id: str, directory: str | os.PathLike[st
     Examples:
         >>> import tempfile
         >>> from pathlib import Path
-        >>> from sae_lens import SAE, StandardSAE, StandardSAEConfig
         >>> from mi_crow.store import LocalStore
-        >>> from mi_crow.store.sae_lens import export_sae_lens, put_sae
+        >>> from mi_crow.store.sae_lens import export_sae_lens, import_sae_lens, put_sae
+        >>> sae_lens = import_sae_lens()
         >>> store = LocalStore(tempfile.mkdtemp())
-        >>> _ = put_sae(store, "sae-l1", StandardSAE(StandardSAEConfig(d_in=16, d_sae=64)))
+        >>> _ = put_sae(store, "sae-l1", sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=16, d_sae=64)))
         >>> out = export_sae_lens(store, "sae-l1", Path(tempfile.mkdtemp()) / "sae-l1")
-        >>> sorted(p.name for p in out.iterdir()), SAE.load_from_disk(out).cfg.d_sae
+        >>> sorted(p.name for p in out.iterdir()), sae_lens.SAE.load_from_disk(out).cfg.d_sae
         (['cfg.json', 'sae_weights.safetensors'], 64)
     """
     target = Path(directory)
@@ -318,7 +335,7 @@ def _export(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any], target
     """:func:`export_sae_lens` of a model read and checked (also used by the CLI)."""
     from safetensors.torch import save_file
 
-    _sae_lens()
+    import_sae_lens()
     sae = _rebuild(tensors, info, "cpu", None)
     state = _state_dict(sae, inference=True)
     # A training SAE's config as save_inference_model writes it.
