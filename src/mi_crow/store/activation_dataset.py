@@ -14,9 +14,22 @@ epoch and the epoch's snapshot:
    of the reader, and groups consecutive ones into windows of at most ``shuffle_buffer_bytes``
    (at least one chunk); with ``shuffle`` the rows of each window are permuted, which mixes rows
    across stored batches (a different permutation per window and epoch);
-4. each shard's rows are cut into batches of ``batch_size`` rows; only a shard's last batch of
-   the epoch may be smaller (or dropped with ``drop_last``), so with ``k`` DataLoader workers up
-   to ``k`` short batches come near the end of the epoch.
+4. each shard's rows are cut into batches of ``batch_size`` rows; a shard's last batch of the
+   epoch may be short. Iterated in this process or through :class:`ActivationLoader`, the short
+   ends of the shards are held and merged (handed out as soon as they make ``batch_size`` rows),
+   so only the epoch's very last batch may be short, and ``drop_last`` drops it. A plain
+   ``DataLoader(ds, batch_size=None, num_workers=k)`` cannot merge across its workers: each
+   worker's shard ends with its own short batch, so up to ``k`` short batches come in an epoch,
+   not only at its end (and ``drop_last`` drops each of them).
+
+Checked at construction, so that a typo never trains on nothing: the runs exist (a run with no
+batch yet is allowed: it may be being captured), and the first stored batch of each holds the
+layer and key (and, with ``drop_padding``, an attention mask); the error lists what exists.
+Sizes for a training loop (``len(ds)`` in batches, :attr:`~ActivationDataset.num_rows`,
+:attr:`~ActivationDataset.d_in`) come from the epoch's snapshot and the tensors' safetensors
+headers, without reading activations. ``normalize`` scales rows with the statistics the capture
+stored (``"norm"``: SAELens's norm scaling; ``"standard"``: per-dimension z-scores), and
+``repeat`` goes on epoch after epoch for trainers that take an endless iterator (SAELens's).
 
 Reading runs on a background thread that keeps up to ``prefetch`` batches ready, so the
 training step does not wait on the disk or the network. Memory per worker is bounded by about
@@ -202,28 +215,53 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         run_ids: A run id or a list of them.
         layer: Layer signature whose activations are read.
         key: Tensor key of the activations (``[..., D]``; ``[B, T, D]`` becomes ``[B*T, D]``).
-        batch_size: Rows per yielded tensor (a shard's last of an epoch may have fewer).
+        batch_size: Rows per yielded tensor (the epoch's last may have fewer; under a plain
+            DataLoader with ``k`` workers, the last of each worker's shard).
         shuffle: Shuffle chunks and, within windows of ``shuffle_buffer_bytes``, rows.
         seed: Seed of the order; the order is a function of ``seed``, the epoch and its snapshot.
         shuffle_buffer_bytes: Memory budget of one shuffle window (default 256 MiB).
-        drop_padding: Drop the rows whose mask is 0; the mask is read from the same layer
-            under ``mask_key``, shape ``[B, T]`` for activations ``[B, T, D]``.
+        drop_padding: Drop the rows whose attention mask is 0: the mask ``[B, T]`` of
+            activations ``[B, T, D]`` is read under ``mask_key`` from the layer itself (runs
+            captured before masks were stored once per batch) or from the batch's inputs
+            pseudo-layer ``"attention_masks"`` (what :class:`~mi_crow.store.ActivationCapture`
+            and mi_crow 1.0 write). A batch with neither is a ``ValueError`` that says what to do.
         mask_key: Key of the attention mask (default ``"attention_mask"``).
         dtype: Convert rows to this dtype.
         device: Move batches to this device (from pinned memory when it is CUDA).
         pin_memory: Pin batches before moving them; default: when ``device`` is CUDA.
-        drop_last: Drop each shard's last, smaller batch of an epoch.
+        drop_last: Drop the epoch's last batch if it is short (under a plain DataLoader with
+            workers: each worker's short last batch).
         rank: This process's rank, for distributed training.
         world_size: Number of ranks; rank ``r`` reads the ``r``-th share of the chunks.
         prefetch: Batches made ready ahead on the background thread (0: read in the caller).
         read_ahead: Stored batches fetched concurrently ahead of the reader (0: one at a time,
             when needed). Each holds one stored batch's rows of the layer in memory.
+        normalize: Scale rows with the statistics the runs' capture stored (``capture.stats``,
+            :func:`~mi_crow.store.read_stats`, merged over ``run_ids``): ``"norm"`` multiplies them
+            by :attr:`scaling_factor` ``= sqrt(d_in) / mean_norm`` (SAELens's norm scaling, so the
+            mean row norm becomes ``sqrt(d_in)``); ``"standard"`` makes each dimension
+            ``(x - mean) / sqrt(var + 1e-6)``. Applied in the output dtype (after ``dtype``), on
+            ``device``. The statistics count the non-padding rows only. Recorded in
+            ``state_dict()``: a resume with another ``normalize`` is refused.
         repeat: Go on epoch after epoch for as long as the consumer asks, calling
             ``set_epoch(epoch + 1)`` (a fresh snapshot) after each, so that a trainer taking an
             iterator of ``[batch, D]`` tensors (SAELens's) can train for any number of tokens;
             ``state_dict()`` stays exact across epochs. In this process or through
             :class:`ActivationLoader` (which repeats the epochs itself); a plain DataLoader's
             workers are refused. Raises ``ValueError`` if a fresh epoch yields no batch.
+
+    Attributes:
+        stats: With ``normalize``, the layer's statistics merged over the runs
+            (:class:`~mi_crow.store.LayerStats`); else ``None``.
+        scaling_factor: With ``normalize="norm"``, ``sqrt(d_in) / mean_norm``; else ``None``
+            (what SAELens calls the estimated norm scaling factor).
+
+    Raises:
+        ValueError: If an argument is invalid; if a run is not in the store, or the first
+            stored batch of a run lacks ``layer`` or ``key`` (or, with ``drop_padding``, an
+            attention mask), or a run without a batch yet records other layers in its metadata
+            (the message lists the runs, layers or keys that exist); with ``normalize``, if a run
+            has no statistics of the layer (the message names it).
 
     Examples:
         >>> import torch
@@ -234,6 +272,12 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         >>> ds = ActivationDataset(store, "r", "l", batch_size=4, shuffle=True, seed=1)
         >>> sum(b.shape[0] for b in ds), next(iter(ds)).shape
         (30, torch.Size([4, 8]))
+        >>> len(ds), ds.num_rows, ds.d_in  # from the tensors' headers
+        (8, 30, 8)
+        >>> ActivationDataset(store, "r", "m")
+        Traceback (most recent call last):
+        ...
+        ValueError: layer 'm' is not in batch 0 of run 'r'; its layers: ['l']
     """
 
     def __init__(
@@ -1259,6 +1303,14 @@ class ActivationLoader(DataLoader):  # type: ignore[type-arg]
     shards, and the loader records, for every batch it hands out, how far its shard got. So a
     checkpoint taken at any step resumes exactly, with ``num_workers=k``, persistent workers,
     and another number of ranks or workers (see :meth:`ActivationDataset.load_state_dict`).
+
+    Unlike a plain ``DataLoader(ds, batch_size=None, num_workers=k)``, which yields each worker's
+    short last batch as it comes (up to ``k`` short batches an epoch, some mid-epoch), the loader
+    holds the short ends of the shards and hands them out merged into whole batches: only the
+    epoch's very last batch may be short (``drop_last`` on the dataset drops it). A shard's
+    position advances only by the rows handed out, so the state stays exact while rows are held.
+    With the dataset's ``repeat``, the loader itself calls ``set_epoch(epoch + 1)`` after each
+    epoch and goes on. ``len(loader)``, :attr:`num_rows` and :attr:`d_in` size a training loop.
 
     Args:
         dataset: The dataset; ``set_epoch``/``load_state_dict`` may be called on it or here.
