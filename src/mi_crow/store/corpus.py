@@ -591,7 +591,11 @@ def capture_corpus(
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise CaptureSetupError(f"texts[{bad}] is {type(texts[bad]).__name__}, not a string")
-    check_layers(model, layer_list)
+    from mi_crow.store import _interop
+
+    unwrap = getattr(_interop, "unwrap_model", None)  # an nnsight model: the module it runs
+    module: nn.Module = unwrap(model) if unwrap is not None else model
+    check_layers(module, layer_list)
     packed = context_size is not None
     notes: list[str] = []
     bos: int | None = None
@@ -613,14 +617,14 @@ def capture_corpus(
         element_kw["element"] = element
     if "progress" in inspect.signature(ActivationCapture).parameters:
         element_kw["progress"] = False  # this function's bar counts texts
-    param = next(model.parameters(), None)
+    param = next(module.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     stored_dtype = dtype if dtype is not None else (param.dtype if param is not None else None)
-    config = getattr(model, "config", None)
+    config = getattr(module, "config", None)
     settings: dict[str, Any] = {
         "layers": layer_list,
         "model": getattr(config, "_name_or_path", None) or None,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_class": f"{type(module).__module__}.{type(module).__qualname__}",
         "dtype": str(stored_dtype).removeprefix("torch.") if stored_dtype is not None else None,
         "batch_size": batch_size,
         "max_length": max_length,
