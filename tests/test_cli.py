@@ -527,10 +527,10 @@ def test_verify_reports_a_store_error_per_run_and_goes_on(tmp_path: Path, monkey
     store.put_model("m", {"w": torch.ones(2)})
     real_check = LocalStore.check
 
-    def check(self: LocalStore, run_ids: list[str] | None = None) -> list[object]:
+    def check(self: LocalStore, run_ids: list[str] | None = None, **kwargs: object) -> list[object]:
         if run_ids is None or "a" in run_ids:
             raise OSError(5, "Input/output error", str(tmp_path / "runs/a"))
-        return list(real_check(self, run_ids))
+        return list(real_check(self, run_ids, **kwargs))
 
     monkeypatch.setattr(LocalStore, "check", check)
     (tmp_path / "runs/b/batch_000000.safetensors").write_bytes(b"\x00" * 3)
@@ -548,10 +548,10 @@ def test_verify_reports_a_store_error_in_the_models(tmp_path: Path, monkeypatch:
     two_runs(tmp_path)
     real_check = LocalStore.check
 
-    def check(self: LocalStore, run_ids: list[str] | None = None) -> list[object]:
+    def check(self: LocalStore, run_ids: list[str] | None = None, **kwargs: object) -> list[object]:
         if run_ids is None:
             raise ValueError("models/m/metadata.json is damaged")
-        return list(real_check(self, run_ids))
+        return list(real_check(self, run_ids, **kwargs))
 
     monkeypatch.setattr(LocalStore, "check", check)
     result = invoke("verify", str(tmp_path))
@@ -562,7 +562,7 @@ def test_verify_reports_a_store_error_in_the_models(tmp_path: Path, monkeypatch:
 def test_keyboard_interrupt_and_bugs_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     two_runs(tmp_path)
 
-    def interrupted(self: LocalStore, run_ids: list[str] | None = None) -> list[object]:
+    def interrupted(self: LocalStore, run_ids: list[str] | None = None, **kwargs: object) -> list[object]:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(LocalStore, "check", interrupted)

@@ -18,6 +18,7 @@ import torch
 
 from mi_crow.store import _keys
 from mi_crow.store._layout import LayoutStore
+from mi_crow.store._progress import progress_bar
 from mi_crow.store.errors import CorruptFileError, StoreError
 from mi_crow.store.store import RunBatch, Store, TensorMetadata
 
@@ -72,7 +73,7 @@ def copy_store(
     *,
     runs: Sequence[str] | None = None,
     models: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
 ) -> CopyReport:
     """Copy runs and models from ``src`` to ``dst``, verifying every entry, resumably.
 
@@ -119,7 +120,12 @@ def copy_store(
         dst: The store to copy into; also a ``LayoutStore``. It may already hold the runs.
         runs: Only these runs (each must exist in ``src``); all runs when None.
         models: Also copy every model.
-        progress: Called with one line of text when each run, and the models, are done.
+        progress: A progress bar (tqdm, on stderr) counting entries: ``True`` shows it,
+            ``False`` does not, ``None`` (the default) shows it unless progress bars are
+            off (:func:`~mi_crow.store.disable_progress_bars`, or the environment variable
+            ``MI_CROW_STORE_DISABLE_PROGRESS_BARS=1``). A callable instead gets one line of
+            text when each run, and the models, are done (and notes on entries not copied),
+            and no bar is shown: what ``mi-crow-store copy`` prints.
 
     Returns:
         A :class:`CopyReport`: entries copied, entries skipped, tensor bytes copied.
@@ -156,21 +162,31 @@ def copy_store(
         missing = [run for run in selected if run not in existing]
         if missing:
             raise ValueError(f"no run {', '.join(map(repr, missing))} in {source._where(source.runs_prefix)}")
+    lines = progress if callable(progress) else None
+    listings = {run: _children(source, source._run_dir(run)) for run in selected}
+    model_ids = source.list_models() if models else []
+    steps = sum(len(dirs) + len(files) + 1 for dirs, files in map(_batch_indices, listings.values()))
     total = _Tally()
-    for run in selected:
-        tally = _Tally()
-        _copy_run(source, target, run, tally, progress)
-        total.add(tally)
-        if progress is not None:
-            progress(f"run {run!r}: {tally.describe()}")
-    if models:
-        tally = _Tally()
-        held = set(target.list_models())
-        for model in source.list_models():
-            _copy_model(source, target, model, model in held, tally)
-        total.add(tally)
-        if progress is not None:
-            progress(f"models: {tally.describe()}")
+    bar = progress_bar(
+        False if callable(progress) else progress, total=steps + len(model_ids), unit="entry", desc="copy"
+    )
+    with bar:
+        for run in selected:
+            tally = _Tally()
+            _copy_run(source, target, run, listings[run], tally, lines, _Steps(bar, total, tally))
+            total.add(tally)
+            if lines is not None:
+                lines(f"run {run!r}: {tally.describe()}")
+        if models:
+            tally = _Tally()
+            held = set(target.list_models())
+            step = _Steps(bar, total, tally)
+            for model in model_ids:
+                _copy_model(source, target, model, model in held, tally)
+                step()
+            total.add(tally)
+            if lines is not None:
+                lines(f"models: {tally.describe()}")
     return CopyReport(total.copied, total.skipped, total.bytes)
 
 
@@ -187,6 +203,27 @@ def _verifying(store: Store, what: str) -> LayoutStore:
     verifying = copy.copy(store)
     verifying.verify_reads = True
     return verifying
+
+
+class _Steps:
+    """Advances the progress bar by one entry, its figures the copy's so far (``done`` plus ``tally``)."""
+
+    def __init__(self, bar: Any, done: _Tally, tally: _Tally):
+        self.bar, self.done, self.tally = bar, done, tally
+
+    def __call__(self) -> None:
+        copied = self.done.copied + self.tally.copied
+        skipped = self.done.skipped + self.tally.skipped
+        size = _fmt_bytes(self.done.bytes + self.tally.bytes)
+        self.bar.set_postfix(copied=copied, skipped=skipped, data=size, refresh=False)
+        self.bar.update(1)
+
+
+def _batch_indices(entries: set[tuple[str, bool]]) -> tuple[set[int], set[int]]:
+    """The indices of a run's per-batch directories and of its run batch files, from its listing."""
+    dirs = {i for name, is_dir in entries if is_dir and (i := _keys.batch_index(name, True)) is not None}
+    files = {i for name, is_dir in entries if not is_dir and (i := _keys.batch_index(name, False)) is not None}
+    return dirs, files
 
 
 class _Tally:
@@ -344,17 +381,25 @@ def _sync(
 
 
 def _copy_run(
-    src: LayoutStore, dst: LayoutStore, run: str, tally: _Tally, progress: Callable[[str], None] | None
+    src: LayoutStore,
+    dst: LayoutStore,
+    run: str,
+    src_entries: set[tuple[str, bool]],
+    tally: _Tally,
+    progress: Callable[[str], None] | None,
+    step: Callable[[], None],
 ) -> None:
-    src_entries = _children(src, src._run_dir(run))
+    """Copy one run (``src_entries``: the source's listing of its folder), calling ``step`` after
+    each batch entry and after its appends and metadata."""
     dst_entries = _children(dst, dst._run_dir(run))
-    dirs = {i for name, is_dir in src_entries if is_dir and (i := _keys.batch_index(name, True)) is not None}
-    files = {i for name, is_dir in src_entries if not is_dir and (i := _keys.batch_index(name, False)) is not None}
+    dirs, files = _batch_indices(src_entries)
     for i in sorted(dirs | files):
         if i in dirs:
             _copy_detector_batch(src, dst, run, i, dst_entries, tally, progress)
+            step()
         if i in files:
             _copy_run_batch(src, dst, run, i, dst_entries, tally)
+            step()
     _copy_appends(src, dst, run, tally)
     # Last: at a destination without the run, its metadata appearing means the run is complete.
     key_src, key_dst = src._run_metadata_file(run), dst._run_metadata_file(run)
@@ -370,6 +415,7 @@ def _copy_run(
             _meta_diff,
             lambda meta: 0,
         )
+    step()
 
 
 def _name(key: str) -> str:

@@ -371,7 +371,7 @@ def _print_runs(runs: list[RunSummary]) -> None:
             str(len(s.layers)) if s.layers else "-",
             "-" if s.tokens is None else f"{s.tokens:,}",
             _dash(s.d),
-            _dash(s.dtypes),
+            _fit(_dash(s.dtypes), 32),
             _fmt_bytes(s.nbytes),
         )
         for s in runs
@@ -388,7 +388,7 @@ def _print_models(models: list[ModelSummary]) -> None:
         else (
             _cell(m.model),
             str(m.tensors),
-            _dash(m.dtypes),
+            _fit(_dash(m.dtypes), 32),
             _fmt_bytes(m.nbytes),
             _fit(_cell(", ".join(m.metadata_keys)) or "-"),
         )
@@ -870,19 +870,25 @@ def _print_model_section(models: list[ModelSummary], *, blank: bool = True) -> N
         _print_models(models)
 
 
+def _bars() -> bool | None:
+    """``progress=`` for the Python API's bars: shown on a terminal (unless quiet mode), never into
+    a pipe or a file, where the command's own lines are the output."""
+    return None if sys.stderr.isatty() else False
+
+
 def _check(store: LayoutStore, selected: list[str] | None) -> tuple[list[Problem], list[tuple[str, str]]]:
     """``store.check(selected)``, one run at a time where needed, so that a store error is reported
     as one ``(what, error)`` pair and the other runs are still checked."""
     if selected is None:
         try:
-            return store.check(), []
+            return store.check(progress=_bars()), []
         except _STORE_ERRORS as e:
             stopped = _one_line(e)  # the whole-store check stopped: find out where, run by run
     problems: list[Problem] = []
     errors: list[tuple[str, str]] = []
     for run in store.list_runs() if selected is None else selected:
         try:
-            problems += store.check([run])
+            problems += store.check([run], progress=_bars())
         except _STORE_ERRORS as e:
             errors.append((f"run {run!r}", _one_line(e)))
     if selected is None and not errors:

@@ -18,13 +18,14 @@ from mi_crow.store._keys import (
 from mi_crow.store._layout.base import Problem, T, _problem
 from mi_crow.store._layout.models import Models
 from mi_crow.store._names import check_name
+from mi_crow.store._progress import progress_bar, progress_enabled
 from mi_crow.store.errors import CorruptFileError
 
 
 class Check(Models):
     # ------------------------------------------------------------------ integrity
 
-    def check(self, run_ids: Sequence[str] | None = None) -> list[Problem]:
+    def check(self, run_ids: Sequence[str] | None = None, *, progress: bool | None = None) -> list[Problem]:
         """Read and verify every entry; return the damaged files (``[]`` when all is well).
 
         Checks run metadata, every per-batch directory (its metadata.json, each listed tensor
@@ -38,6 +39,10 @@ class Check(Models):
 
         Args:
             run_ids: Only these runs (and no models); all runs and models when None.
+            progress: A progress bar (tqdm, on stderr) counting the entries checked: ``True``
+                shows it, ``False`` does not, ``None`` (the default) shows it unless progress
+                bars are off (:func:`~mi_crow.store.disable_progress_bars`, or the environment
+                variable ``MI_CROW_STORE_DISABLE_PROGRESS_BARS=1``).
 
         Raises:
             ValueError: If a run id in ``run_ids`` is not a valid name.
@@ -55,12 +60,38 @@ class Check(Models):
             runs = self._guarded(self._where(self.runs_prefix), self.list_runs, problems) or []
         else:
             runs = [check_name(r, "run_id") for r in run_ids]
-        for run in runs:
-            problems += self._check_run(run)
-        if run_ids is None:
-            for model in self._guarded(self._where(self.model_prefix), self.list_models, problems) or []:
-                problems += self._check_model(model)
+        if not progress_enabled(progress):
+            bar = progress_bar(False)
+            models = None
+        else:  # the bar's total: every run's entries (listed once more) and the models
+            models_problems: list[Problem] = []
+            models = (
+                self._guarded(self._where(self.model_prefix), self.list_models, models_problems) or []
+                if run_ids is None
+                else []
+            )
+            entries = sum(self._entries_to_check(run) for run in runs)
+            bar = progress_bar(True, total=entries + len(models), unit="entry", desc="verify")
+        with bar:
+            for run in runs:
+                problems += self._check_run(run, bar.update)
+            if run_ids is None:
+                if models is None:
+                    models = self._guarded(self._where(self.model_prefix), self.list_models, problems) or []
+                else:
+                    problems += models_problems
+                for model in models:
+                    problems += self._check_model(model)
+                    bar.update(1)
         return problems
+
+    def _entries_to_check(self, run: str) -> int:
+        """How many steps :meth:`_check_run` makes for ``run``: its batch entries, and one for the rest."""
+        try:
+            entries = self._list(self._run_dir(run))
+        except (OSError, ValueError):
+            return 1  # _check_run reports it
+        return 1 + sum(_keys.batch_index(name, is_dir) is not None for name, is_dir in entries)
 
     @staticmethod
     def _guarded(where: str, fn: Callable[[], T], problems: list[Problem]) -> T | None:
@@ -169,7 +200,8 @@ class Check(Models):
             return [_problem(where, e)]
         return []
 
-    def _check_run(self, run: str) -> list[Problem]:
+    def _check_run(self, run: str, step: Callable[[int], object] = lambda n: None) -> list[Problem]:
+        """The problems of one run; ``step(1)`` after each batch entry, and after the rest."""
         problems: list[Problem] = []
         run_dir = self._run_dir(run)
         problems += self._check_json(self._run_metadata_file(run), required=False)
@@ -183,6 +215,8 @@ class Check(Models):
                 problems += self._check_tensor_file(key)
             elif is_dir and _keys.batch_index(name, False) is not None:
                 problems.append(Problem(self._where(key), "is a directory, not a run batch file"))
+            if index is not None:
+                step(1)
         det = self._detectors_dir(run)
         legacy = self._guarded(self._where(f"{det}/{METADATA_FILE}"), lambda: self._legacy_run_entries(det), problems)
         legacy_where = self._where(f"{det}/{METADATA_FILE}")
@@ -202,6 +236,7 @@ class Check(Models):
         names = self._guarded(self._where(f"{det}/{ENTRIES_DIR}"), lambda: self._entry_names(det), problems) or []
         for name in names:
             problems += self._check_entry(f"{det}/{ENTRIES_DIR}/{name}")
+        step(1)
         return problems
 
     def _check_model(self, model: str) -> list[Problem]:
