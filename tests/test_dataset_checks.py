@@ -387,3 +387,48 @@ def test_normalize_with_the_runs_statistics(store: Store) -> None:
         ActivationDataset(store, "bare", "L", normalize="norm")
     with pytest.raises(ValueError, match=r"normalize must be one of \[None, 'norm', 'standard'\], got 'l2'"):
         ActivationDataset(store, "gpt2", LAYERS[1], normalize="l2")
+
+
+class PublicOnly(Store):
+    """A backend of another package: only the documented methods, no list_runs, no LayoutStore."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__()
+        self.inner = inner
+
+
+for _name in Store.__abstractmethods__:
+    setattr(PublicOnly, _name, lambda self, *a, _n=_name, **k: getattr(self.inner, _n)(*a, **k))
+PublicOnly.__abstractmethods__ = frozenset()
+
+
+def test_a_store_of_another_package_gets_the_same_checks_and_sizes() -> None:
+    inner = MemoryStore()
+    end = make_run(inner, "r", SHORT)
+    store = PublicOnly(inner)
+    ds = ActivationDataset(store, "r", "L", batch_size=4)
+    assert (len(ds), ds.num_rows, ds.d_in) == (8, end, D)
+    assert len(list(ds)) == 8
+    with pytest.raises(ValueError, match=r"layer 'M' is not in batch 0 of run 'r'; its layers: \['L'\]"):
+        ActivationDataset(store, "r", "M")
+    with pytest.raises(ValueError, match=r"run 'x' is not in the store: it holds no batch and no metadata"):
+        ActivationDataset(store, "x", "L")
+    inner.put_run_metadata("x", {"note": "capture starting"})
+    assert list(ActivationDataset(store, "x", "L")) == []
+    with pytest.raises(ValueError, match=r"run 'y' is not in the store"):
+        next(iter(StoreDataloader(store, "y", "L")))
+
+
+def test_the_dataloader_check_never_fails_when_torch_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mi_crow.store import activation_dataset
+
+    store = MemoryStore()
+    make_run(store, "r", [4, 4])
+
+    def broken(depth: int = 0) -> Any:
+        raise RuntimeError("frames are not what they were")
+
+    monkeypatch.setattr(activation_dataset, "_frame", broken)  # no warning, no error, right counts
+    assert [b.shape for b in DataLoader(ActivationDataset(store, "r", "L"))] == [torch.Size([1, 8, D])]
+    plain = DataLoader(ActivationDataset(store, "r", "L", batch_size=4), batch_size=None)
+    assert len(plain) == 2 and len(list(plain)) == 2

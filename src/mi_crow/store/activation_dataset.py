@@ -86,6 +86,7 @@ def _generator(*parts: object) -> torch.Generator:
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+_frame = sys._getframe  # the callers a DataLoader's own batching or len() is seen in (a test replaces it)
 
 
 class _BufferPool:
@@ -680,9 +681,8 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         for run in self.run_ids:
             indices = self.store.list_run_batches(run)
             if not indices:
-                runs = self.store.list_runs() if runs is None else runs
-                if run not in runs:
-                    raise ValueError(f"run {run!r} is not in the store{_suggest(run, runs)}; its runs: {_listed(runs)}")
+                runs = _runs(self.store) if runs is None else runs
+                _check_run(self.store, run, runs)
                 self._check_recorded_layers(run)
                 continue
             names = _batch_names(self.store, run, indices[0])
@@ -1193,6 +1193,28 @@ def _batch_names(store: Store, run: str, index: int) -> dict[str, list[str]]:
     return {_RUN_BATCH: list(batch) if isinstance(batch, dict) else []}
 
 
+def _runs(store: Store) -> list[str] | None:
+    """The store's runs; ``None`` for a store that cannot list them (``list_runs`` is optional)."""
+    try:
+        return store.list_runs()
+    except NotImplementedError:
+        return None
+
+
+def _check_run(store: Store, run: str, runs: list[str] | None) -> None:
+    """A run without a stored batch must be in the store (listed, or with metadata where the
+    store cannot list its runs).
+
+    Raises:
+        ValueError: If it is not, listing the store's runs.
+    """
+    if runs is None:
+        if not store.get_run_metadata(run):
+            raise ValueError(f"run {run!r} is not in the store: it holds no batch and no metadata of that run")
+    elif run not in runs:
+        raise ValueError(f"run {run!r} is not in the store{_suggest(run, runs)}; its runs: {_listed(runs)}")
+
+
 def _listed(names: Sequence[str], most: int = 20) -> str:
     shown = ", ".join(repr(n) for n in names[:most])
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > most else ''}]"
@@ -1207,7 +1229,7 @@ def _plain_loader_workers() -> int:
     """The ``num_workers`` of a plain ``DataLoader`` (not an :class:`ActivationLoader`) whose
     ``__len__`` is calling ``len(dataset)``; 0 if none (or if torch's internals differ)."""
     try:
-        frame: types.FrameType | None = sys._getframe(2)
+        frame: types.FrameType | None = _frame(2)
         for _ in range(3):
             if frame is None:
                 return 0
@@ -1231,7 +1253,7 @@ def _collated_by_dataloader() -> bool:
     try:
         from torch.utils.data._utils.fetch import _IterableDatasetFetcher
 
-        frame: types.FrameType | None = sys._getframe(2)
+        frame: types.FrameType | None = _frame(2)
         for _ in range(4):
             if frame is None:
                 return False

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mi_crow.store.activation_dataset import _RUN_BATCH, _batch_names, _listed, _suggest
+from mi_crow.store.activation_dataset import _RUN_BATCH, _batch_names, _check_run, _listed, _runs, _suggest
 from mi_crow.store.store import Store
 
 logger = logging.getLogger(__name__)
@@ -80,10 +80,7 @@ class StoreDataloader:
     def _check(self, batches: list[int]) -> None:
         """The run and layer exist (checked once, at the first iteration)."""
         if not batches:
-            runs = self.store.list_runs()
-            if self.run_id not in runs:
-                hint = _suggest(self.run_id, runs)
-                raise ValueError(f"run {self.run_id!r} is not in the store{hint}; its runs: {_listed(runs)}")
+            _check_run(self.store, self.run_id, _runs(self.store))
         else:
             names = _batch_names(self.store, self.run_id, batches[0])
             if _RUN_BATCH not in names and str(self.layer) not in names:
