@@ -25,6 +25,7 @@ MODULES = [
     "mi_crow.store.store_dataloader",
     "mi_crow.store.capture",
     "mi_crow.store.corpus",
+    "mi_crow.store.sae_lens",
 ]
 
 

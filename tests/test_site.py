@@ -206,6 +206,7 @@ PUBLIC = {
     "api/object_store": ["ObjectStore", "ObjectStoreError", "open_store", "Capabilities"],
     "api/layout_store": ["LayoutStore", "Problem"],
     "api/capture": ["ActivationCapture"],
+    "api/corpus": ["capture_corpus", "CorpusReport", "CaptureSetupError", "read_texts", "pack_tokens"],
     "api/stats": ["LayerStats", "read_stats", "disable_progress_bars", "enable_progress_bars"],
     "api/activation_dataset": ["ActivationDataset", "ActivationLoader"],
     "api/store_dataloader": ["StoreDataloader"],
