@@ -249,7 +249,10 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
             iterator of ``[batch, D]`` tensors (SAELens's) can train for any number of tokens;
             ``state_dict()`` stays exact across epochs. In this process or through
             :class:`ActivationLoader` (which repeats the epochs itself); a plain DataLoader's
-            workers are refused. Raises ``ValueError`` if a fresh epoch yields no batch.
+            workers are refused. Raises ``ValueError`` if a fresh epoch yields no batch. With
+            ``torch.distributed``, each ``set_epoch`` is a collective call: ranks must end their
+            epochs at the same step (as DDP needs anyway), for example with ``drop_last``
+            and shares of equal size.
 
     Attributes:
         stats: With ``normalize``, the layer's statistics merged over the runs
@@ -676,7 +679,20 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
 
     def _check_names(self) -> None:
         """Refuse, before any epoch, a run the store lacks or a layer/key (or, with drop_padding,
-        a mask) the runs' first stored batch lacks; a run without a batch yet is allowed."""
+        a mask) the runs' first stored batch lacks; a run without a batch yet is allowed. With
+        ``torch.distributed``, rank 0 checks the stored batches, the other ranks the metadata."""
+        dist = torch.distributed
+        if (
+            dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() == self.world_size > 1
+            and dist.get_rank() != 0
+        ):
+            # Only rank 0 lists the runs (as it does for every epoch's snapshot); the other ranks
+            # check what the runs' metadata records.
+            for run in self.run_ids:
+                self._check_recorded_layers(run)
+            return
         runs: list[str] | None = None
         for run in self.run_ids:
             indices = self.store.list_run_batches(run)
@@ -706,12 +722,13 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
                     raise ValueError(self._no_mask(run, indices[0]))
 
     def _check_recorded_layers(self, run: str) -> None:
-        """A run with no batch yet: its metadata's ``layers`` (what its capture stores), if recorded."""
+        """The layers a run's metadata records (``layers``: what its capture stores), if it does:
+        for a run without a batch yet, and on the ranks other than 0."""
         layers = self.store.get_run_metadata(run).get("layers")
         if isinstance(layers, list) and all(isinstance(x, str) for x in layers) and self.layer not in layers:
             raise ValueError(
-                f"layer {self.layer!r} is not among the layers run {run!r} is captured with (its metadata, no batch "
-                f"stored yet){_suggest(self.layer, layers)}: {_listed(sorted(layers))}"
+                f"layer {self.layer!r} is not among the layers run {run!r} is captured with (its metadata's "
+                f"'layers'){_suggest(self.layer, layers)}: {_listed(sorted(layers))}"
             )
 
     def _read_stats(self) -> LayerStats:
@@ -756,7 +773,9 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         rank's share depends on ``k``: ``len()`` of such a loader asks this method, which then
         answers for it (``k`` read from the calling loader); ``len(ActivationLoader(ds,
         num_workers=k))`` is the count with merged short batches. Reads only tensor headers (and
-        masks, with ``drop_padding``), once per stored batch.
+        masks, with ``drop_padding``), once per stored batch. It takes the epoch's snapshot if
+        the epoch has none yet, which with ``torch.distributed`` initialized is a collective call
+        (call it on every rank, as ``set_epoch``).
         """
         workers = _plain_loader_workers()
         if workers:
