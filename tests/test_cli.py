@@ -1019,6 +1019,8 @@ def test_stats_of_a_run_without_statistics_says_how_to_get_them(tmp_path: Path) 
     )
     no_run = invoke("stats", str(tmp_path), "nosuch")
     assert no_run.exit_code == EXIT_USAGE and "no run 'nosuch'" in error_line(no_run)
+    bad_name = invoke("stats", str(tmp_path), "../r")
+    assert bad_name.exit_code == EXIT_USAGE and "RUN" in error_line(bad_name) and "--run" not in bad_name.output
     # Malformed statistics are damaged data: exit 1, one line naming them.
     store = LocalStore(tmp_path)
     store.put_run_metadata("r", {"capture": {"stats": {"h.0": {"count": -1}}}})

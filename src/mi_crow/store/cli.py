@@ -544,7 +544,7 @@ def main() -> None:
     """mi-crow-store: persistence for activations, runs and models.
 
     \b
-    ls, verify, gc and copy (its SRC) take the folder of a store.
+    ls, stats, verify, gc and copy (its SRC) take the folder of a store.
     A folder is a store when it holds the runs directory (--runs-prefix,
     default runs/) or the models directory (--model-prefix, default models/)
     as a real directory, not a symbolic link, or the store's lock file
@@ -1117,6 +1117,10 @@ def stats(
     statistics is refused (exit 2) with how to get them.
     """
     store = _open_store(path, runs_prefix, model_prefix)
+    try:
+        check_name(run, "RUN")
+    except ValueError as e:
+        raise _ArgumentError(_one_line(e)) from None
     _select_runs(store, path, (run,))
     try:
         found = read_stats(store, run)
