@@ -120,7 +120,8 @@ def copy_store(
         dst: The store to copy into; also a ``LayoutStore``. It may already hold the runs.
         runs: Only these runs (each must exist in ``src``); all runs when None.
         models: Also copy every model.
-        progress: A progress bar (tqdm, on stderr) counting entries: ``True`` shows it,
+        progress: A progress bar (tqdm, on stderr; a step per batch, one per run for its
+            appends and metadata, one per model): ``True`` shows it,
             ``False`` does not, ``None`` (the default) shows it unless progress bars are
             off (:func:`~mi_crow.store.disable_progress_bars`, or the environment variable
             ``MI_CROW_STORE_DISABLE_PROGRESS_BARS=1``). A callable instead gets one line of

@@ -39,7 +39,8 @@ class Check(Models):
 
         Args:
             run_ids: Only these runs (and no models); all runs and models when None.
-            progress: A progress bar (tqdm, on stderr) counting the entries checked: ``True``
+            progress: A progress bar (tqdm, on stderr; a step per batch, one per run for the
+                rest of it, one per model): ``True``
                 shows it, ``False`` does not, ``None`` (the default) shows it unless progress
                 bars are off (:func:`~mi_crow.store.disable_progress_bars`, or the environment
                 variable ``MI_CROW_STORE_DISABLE_PROGRESS_BARS=1``).
