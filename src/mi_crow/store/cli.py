@@ -1148,8 +1148,7 @@ def stats(
 
 
 # Commands defined in modules of their own (each registers itself on ``main`` when imported).
-from mi_crow.store import _cli_capture  # noqa: E402, F401
-from mi_crow.store import _cli_export  # noqa: E402, F401
+from mi_crow.store import _cli_capture, _cli_export  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
