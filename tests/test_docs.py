@@ -48,6 +48,10 @@ def test_readme_python_blocks_run(index: int, tmp_path: Path, monkeypatch: pytes
         assert out.strip() == "[0, 1, 2] 384"
     if "SeaweedFS()" in code:
         assert out.strip() == "[0, 1, 2, 3]\n['sae-toy'] []"
+    if "run_with_cache" in code:
+        assert out.strip() == "True"
+    if "SAETrainer" in code:
+        assert out.strip() == "StandardTrainingSAE 8 32"
 
 
 DOC_PAGES = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md") if python_blocks(p))
