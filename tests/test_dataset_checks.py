@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -432,3 +434,35 @@ def test_the_dataloader_check_never_fails_when_torch_differs(monkeypatch: pytest
     assert [b.shape for b in DataLoader(ActivationDataset(store, "r", "L"))] == [torch.Size([1, 8, D])]
     plain = DataLoader(ActivationDataset(store, "r", "L", batch_size=4), batch_size=None)
     assert len(plain) == 2 and len(list(plain)) == 2
+
+
+def test_a_consumer_that_stops_early_leaves_no_reading_thread_behind() -> None:
+    # The consumer stops while the prefetch queue is full and the reading thread has nothing left
+    # but the end of the epoch to hand over: that hand-over waits for a consumer that never comes
+    # back unless it watches for the stop, as every other one does.
+    store = MemoryStore()
+    for i in range(2):
+        store.put_detector_metadata("r", i, {}, {"l": {"activations": torch.full((4, 3), float(i))}})
+    ds = ActivationDataset(store, "r", "l", batch_size=4, prefetch=1)
+    before = set(threading.enumerate())
+    it = iter(ds)
+    assert torch.equal(next(it), torch.zeros(4, 3))
+    started = [t for t in threading.enumerate() if t not in before and t.name == "mi-crow-store-prefetch"]
+    assert len(started) == 1
+    # Wait (on a condition, not a time) until the thread has queued the last batch and is trying to hand
+    # over the end: then the queue is full and the thread is still alive.
+    while started[0].is_alive() and not _waiting_on_full_queue(started[0]):
+        threading.Event().wait(0.01)
+    it.close()
+    started[0].join(timeout=60)
+    assert not started[0].is_alive()
+
+
+def _waiting_on_full_queue(thread: threading.Thread) -> bool:
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "hand" and frame.f_locals.get("item") is not None:
+            item = frame.f_locals["item"]
+            return not isinstance(item, torch.Tensor)  # the end (or an error), after the last batch
+        frame = frame.f_back
+    return False

@@ -1040,22 +1040,28 @@ class ActivationDataset(IterableDataset[torch.Tensor]):
         q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
+        def hand(item: Any) -> bool:
+            """Queue ``item`` unless the consumer stopped (then False). Every put, the end and an
+            error included, waits this way: a consumer that stops with the queue full never takes
+            another item, and a plain put would block this thread for ever."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
             try:
                 for block in blocks:
                     if self.pin_memory and torch.cuda.is_available():
                         block = block.pin_memory()
-                    while not stop.is_set():
-                        try:
-                            q.put(block, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not hand(block):
                         return
-                q.put(_DONE)
+                hand(_DONE)
             except BaseException as e:  # handed to the consumer, which re-raises it
-                q.put(e)
+                hand(e)
 
         thread = threading.Thread(target=produce, name="mi-crow-store-prefetch", daemon=True)
         thread.start()
