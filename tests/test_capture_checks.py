@@ -489,3 +489,19 @@ def test_progress_bar_counts_batches_and_tokens(
         ActivationCapture(model, store, "r", ["0"], progress="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="stats must be a bool, got int 1"):
         ActivationCapture(model, store, "r", ["0"], stats=1)  # type: ignore[arg-type]
+
+
+def test_annotate_adds_fields_to_a_batch_and_keeps_recycling_host_buffers(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8)).eval()
+    store = LocalStore(tmp_path)
+    with ActivationCapture(model, store, "r", "0") as cap, torch.no_grad():
+        assert cap._recycle  # the store itself, not a wrapper: host buffers are reused
+        cap.annotate(cap.next_batch, {"texts": [0, 3]})
+        model(torch.randn(3, 4))
+        model(torch.randn(3, 4))
+        with pytest.raises(ValueError, match=r"cannot set the capture's own batch metadata fields \['tokens'\]"):
+            cap.annotate(2, {"tokens": 1})
+        with pytest.raises(ValueError, match="annotate's fields for batch 2 are not JSON"):
+            cap.annotate(2, {"x": float("nan")})
+    assert store.get_detector_metadata("r", 0)[0] == {"texts": [0, 3], "tokens": 3, "masked": False}
+    assert store.get_detector_metadata("r", 1)[0] == {"tokens": 3, "masked": False}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import inspect
+import json
 import os
 import queue
 import threading
@@ -485,6 +486,7 @@ class ActivationCapture:
         # other store may keep them (a cache, an asynchronous upload), so its batches get fresh ones.
         caps = getattr(store, "capabilities", None) if isinstance(store, LayoutStore) else None
         self._recycle = isinstance(caps, Capabilities) and not caps.keeps_payload
+        self._annotations: dict[int, dict[str, Any]] = {}  # batch index -> extra metadata fields (annotate)
         self._side_stream: Any = None
         self._next = self.rank
         self.completed = 0
@@ -601,6 +603,25 @@ class ActivationCapture:
             self._bar = None
         if not self._error_raised:
             self._raise_writer_error()
+
+    def annotate(self, index: int, fields: Mapping[str, Any]) -> None:
+        """Extra JSON fields for the metadata of batch ``index`` (this capture's next forward call is
+        stored at ``next_batch``), written with the batch; ``tokens`` and ``masked`` are the
+        capture's own and cannot be set. Call it before the forward call that makes the batch.
+
+        Raises:
+            ValueError: If ``fields`` is not a mapping of JSON-serializable values with string keys,
+                or names ``tokens`` or ``masked``.
+        """
+        fields = dict(fields)
+        taken = sorted({"tokens", "masked"} & set(fields))
+        if taken:
+            raise ValueError(f"annotate cannot set the capture's own batch metadata fields {taken}")
+        try:
+            json.dumps(fields, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"annotate's fields for batch {index} are not JSON: {e}") from None
+        self._annotations[index] = fields
 
     # ------------------------------------------------------------------ running the model
 
@@ -829,8 +850,9 @@ class ActivationCapture:
                 first = tensors[self.layers[0]][self.key]
                 rows = first.numel() // first.shape[-1] if first.dim() and first.shape[-1] else first.numel()
                 tokens = int(torch.count_nonzero(mask)) if mask is not None else int(rows)
+                extra = self._annotations.pop(index, {})
                 self.store.put_detector_metadata(
-                    self.run_id, index, {"tokens": tokens, "masked": mask is not None}, tensors
+                    self.run_id, index, {**extra, "tokens": tokens, "masked": mask is not None}, tensors
                 )
                 if self.keep_stats:  # before the counts: counts and statistics always cover the same batches
                     self._add_stats(tensors, f"batch {index}")

@@ -50,7 +50,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -461,21 +461,6 @@ class _Batch(NamedTuple):
     tokens: int
 
 
-class _Annotating:
-    """The store, with each batch's corpus record added to its metadata when the capture writes it."""
-
-    def __init__(self, store: Store, pending: dict[int, dict[str, Any]]):
-        self._store = store
-        self._pending = pending
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    def put_detector_metadata(self, run_id: str, batch_index: int, metadata: dict[str, Any], tensors: Any) -> Any:
-        extra = self._pending.pop(batch_index, {})
-        return self._store.put_detector_metadata(run_id, batch_index, {**metadata, **extra}, tensors)
-
-
 def capture_corpus(
     model: nn.Module,
     tokenizer: Any,
@@ -661,12 +646,10 @@ def capture_corpus(
             tokenizer, texts, rank, world_size, own_existing, batch_size, max_length, context_size, bos, pad_id,
             settings["padding_side"],
         )  # fmt: skip
-    # Each batch's corpus record goes into its metadata as the capture writes it. (Through this
-    # wrapper the capture does not recycle host buffers: it cannot tell the store keeps none.)
-    pending: dict[int, dict[str, Any]] = {}
+    # Each batch's corpus record goes into its metadata as the capture writes it (cap.annotate).
     try:
         cap = ActivationCapture(
-            model, cast(Store, _Annotating(store, pending)), run_id, layer_list, dtype=dtype, inputs=inputs,
+            model, store, run_id, layer_list, dtype=dtype, inputs=inputs,
             rank=rank, world_size=world_size, **element_kw,
         )  # fmt: skip
     except ValueError as e:
@@ -699,7 +682,7 @@ def capture_corpus(
                     break
                 cap.next_batch = item.batch
                 rows = int(item.inputs["input_ids"].shape[0])
-                pending[item.batch] = {CORPUS_FIELD: _batch_record(texts, item.start, item.stop, rows)}
+                cap.annotate(item.batch, {CORPUS_FIELD: _batch_record(texts, item.start, item.stop, rows)})
                 cap.run(**{k: v.to(device) for k, v in item.inputs.items()})
                 consumed = item.stop[0] - item.start[0]
                 session_texts += consumed
