@@ -186,3 +186,47 @@ def test_mi_crow_reads_our_store(tmp_path: Path) -> None:
     assert out["run"]["11"] == [v.float().tolist() for v in data.run_batches()[11]]
     assert out["run"]["12"] == []
     assert out["single"] == {"activations": data.single_layer_batch()["only.layer"]["activations"].tolist()}
+
+
+READ_CAPTURE_WITH_MI_CROW = r"""
+import json, sys
+from mi_crow.store import LocalStore
+store = LocalStore(sys.argv[1])
+out = {}
+for i in store.list_run_batches("cap"):
+    meta, tm = store.get_detector_metadata("cap", i)
+    mask = store.get_detector_metadata_by_layer_by_key("cap", i, "attention_masks", "attention_mask")
+    out[i] = [meta["tokens"], sorted(tm), sorted(tm["attention_masks"]), mask.tolist()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    not (MI_CROW_REF / "mi_crow" / "store").is_dir(), reason="mi_crow 1.0 not installed at MI_CROW_REF_PATH"
+)
+def test_mi_crow_reads_a_captured_batchs_inputs_where_its_own_capture_puts_them(tmp_path: Path) -> None:
+    # mi_crow 1.0's capture stores the attention mask in the pseudo-layer "attention_masks"; ours stores
+    # the batch's inputs there, once per batch, and mi_crow 1.0's own store reads them back.
+    from hf_models import tiny_bert
+    from mi_crow.store import ActivationCapture
+
+    model = tiny_bert(2)
+    ids = torch.randint(2, 90, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    ours = LocalStore(tmp_path / "ours")
+    with ActivationCapture(model, ours, "cap", ["encoder.layer.0", "encoder.layer.1"]) as cap:
+        cap.run(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids[:2], attention_mask=mask[:2])  # the model's own call records them too
+    env = {**os.environ, "PYTHONPATH": str(MI_CROW_REF)}
+    proc = subprocess.run(
+        [sys.executable, "-c", READ_CAPTURE_WITH_MI_CROW, str(ours.base_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    layers = ["attention_masks", "encoder.layer.0", "encoder.layer.1"]
+    assert out["0"] == [12, layers, ["attention_mask", "input_ids"], mask.tolist()]
+    assert out["1"] == [10, layers, ["attention_mask", "input_ids"], mask[:2].tolist()]
