@@ -424,16 +424,38 @@ def test_statistics_never_cover_part_of_a_run() -> None:
         "transformer.h.0": "batches of this writer were stored without statistics of this layer",
         "transformer.h.1": "batches of this writer were stored without statistics of this layer",
     }
-    # A layer added on resume: the others keep theirs.
+    # A layer added on resume is refused (the run's batches would not all hold it).
     model = tiny_gpt2()
     capture_gpt2(store, "grow", [0])
     layers = ["transformer.h.0", "transformer.h.1", "transformer.ln_f"]
-    with ActivationCapture(model, store, "grow", layers, progress=False), torch.no_grad():
-        model(input_ids=torch.ones(1, 3, dtype=torch.int64))
-    assert list(read_stats(store, "grow")) == ["transformer.h.0", "transformer.h.1"]
-    assert store.get_run_metadata("grow")["capture"]["writers"]["0"]["stats_skipped"] == {
-        "transformer.ln_f": "batches of this writer were stored without statistics of this layer"
-    }
+    with pytest.raises(
+        ValueError, match=r"run 'grow' was captured with layers=\['transformer.h.0', 'transformer.h.1'\]"
+    ):
+        ActivationCapture(model, store, "grow", layers, progress=False).__enter__()
+    assert store.list_run_batches("grow") == [0]
+
+
+def test_a_resume_with_other_settings_is_refused_before_anything_is_written() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    store = MemoryStore()
+    with ActivationCapture(model, store, "r", ["0"], progress=False), torch.no_grad():
+        model(torch.randn(2, 4))
+    before = store.get_run_metadata("r")
+    for kwargs, name in (
+        ({"layers": ["1"]}, "layers"),
+        ({"dtype": torch.bfloat16}, "dtype"),
+        ({"inputs": True}, "inputs"),
+        ({"key": "acts"}, "key"),
+    ):
+        args = {"layers": ["0"], **kwargs}
+        layers = args.pop("layers")
+        with pytest.raises(ValueError, match=rf"run 'r' was captured with {name}=.* and this capture has {name}="):
+            ActivationCapture(model, store, "r", layers, progress=False, **args).__enter__()
+        assert store.get_run_metadata("r") == before and store.list_run_batches("r") == [0]
+    with ActivationCapture(model, store, "r", ["0"], progress=False) as cap, torch.no_grad():  # the same: resumes
+        assert cap.next_batch == 1
+        model(torch.randn(2, 4))
+    assert store.list_run_batches("r") == [0, 1]
 
 
 def test_a_layer_whose_width_changes_has_no_statistics() -> None:

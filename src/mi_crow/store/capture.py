@@ -536,6 +536,8 @@ class ActivationCapture:
                 f"run {self.run_id!r} was captured with world_size {recorded or 1} and this capture has world_size "
                 f"{world}: continue it with world_size={recorded or 1}, or capture into another run"
             )
+        if existing:
+            self._check_same_settings(prior, capture)
         own = [index for index in existing if index % world == rank]
         self.completed = len(own)
         self.next_batch = own[-1] + world if own else rank
@@ -575,6 +577,29 @@ class ActivationCapture:
             else:
                 self._handles.append(module.register_forward_hook(self._output_hook(layer)))
         return self
+
+    def _check_same_settings(self, prior: Mapping[str, Any], capture: Mapping[str, Any]) -> None:
+        """Refuse to continue a run whose batches were captured with other settings: its batches
+        would mix layers, dtypes, or module inputs with outputs, and its metadata would describe
+        only the last capture. Checked only for what the run's metadata records."""
+        if "key" not in capture:
+            return  # not written by ActivationCapture: nothing recorded to compare
+        mine = {
+            "layers": self.layers,
+            "key": self.key,
+            "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else None,
+            "inputs": self.inputs,
+            "element": self._element_meta,
+        }
+        recorded = {"layers": prior.get("layers"), **{k: capture.get(k) for k in mine if k != "layers"}}
+        for name, value in mine.items():
+            if name not in (prior if name == "layers" else capture):
+                continue  # not recorded by the version that captured the run
+            if recorded[name] != value:
+                raise ValueError(
+                    f"run {self.run_id!r} was captured with {name}={recorded[name]!r} and this capture has "
+                    f"{name}={value!r}: continue it with the same {name}, or capture into another run"
+                )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
